@@ -1,0 +1,38 @@
+# shardline: make demo | make test | make bench | make lint
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench bench-build bench-loaders clean
+
+install: $(STAMP)
+
+# torch/torchvision pins match the builds this kind of machine keeps on disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m flows build-shards --dataset demo --output data/demo
+	$(BIN)/python -m shards verify data/demo
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench-build: install
+	$(BIN)/python scripts/bench_build.py
+
+bench-loaders: install
+	$(BIN)/python -m loaders.bench --shards data/bench-shards --json
+
+bench: bench-build bench-loaders
+
+clean:
+	rm -rf data/demo runs .pytest_cache

@@ -1,0 +1,258 @@
+"""The build, as plain functions any orchestrator can call: prepare, write_shard, finish.
+
+    plan = prepare(source, options, splits)            # index + seeded shuffle + cuts
+    records = [write_shard(source, s, storage, options) for s in plan.shards]   # parallel-safe
+    manifest = finish(storage, source, plan, records, options)                 # written last
+
+`build()` runs the three with a process pool; flows/ runs them as Prefect tasks. Resume
+works at shard granularity: after a shard's tar and index are published, a small record
+(`_progress/<name>.json`) is published too, holding its checksum, counts, quarantine list and
+a fingerprint of what it was planned to hold. A rerun reuses every shard whose record
+matches the plan and whose tar is there at the recorded size, and rewrites the rest; the
+bytes are a pure function of the plan, so the result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+from shards.images import BadImage, pack
+from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
+from shards.plan import ShardSpec, plan_split
+from shards.storage import Storage
+from shards.types import Options, Quarantined, Source
+from shards.writer import ShardWriter
+
+log = logging.getLogger("shards")
+PROGRESS_DIR = "_progress"
+
+
+class BuildError(RuntimeError):
+    """A problem that stops the build before or instead of writing anything wrong."""
+
+
+@dataclass
+class Plan:
+    dataset: str
+    params: dict
+    shards: list[ShardSpec]
+    source_quarantine: dict[str, list[Quarantined]]  # per split, found while indexing
+    splits: list[str]
+
+    def split_shards(self, split: str) -> list[ShardSpec]:
+        return [s for s in self.shards if s.split == split]
+
+
+@dataclass
+class ShardRecord:
+    name: str
+    index: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+    fingerprint: str
+    seconds: float
+    reused: bool = False
+    quarantine: list[dict] = field(default_factory=list)
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "index": self.index, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+def prepare(source: Source, options: Options, splits: Iterable[str] | None = None) -> Plan:
+    """Index the source and decide which sample goes to which shard."""
+    available = source.splits()
+    wanted = list(splits) if splits else available
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise BuildError(f"{source.dataset}: no split {missing} in the source (has {available})")
+    params = options.params() | {"splits": wanted}
+    shards, quarantine = [], {}
+    for split in wanted:
+        items = source.items(split)
+        quarantine[split] = list(source.quarantined(split))
+        if not items:
+            raise BuildError(f"{source.dataset}: split {split!r} has no images")
+        shards += plan_split(source.dataset, split, items, options)
+    return Plan(source.dataset, params, shards, quarantine, wanted)
+
+
+def _record_name(spec: ShardSpec) -> str:
+    return f"{PROGRESS_DIR}/{spec.name}.json"
+
+
+def _reusable(storage: Storage, spec: ShardSpec, fingerprint: str) -> ShardRecord | None:
+    try:
+        rec = ShardRecord(**json.loads(storage.read_bytes(_record_name(spec))))
+    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        return None
+    if rec.fingerprint != fingerprint:
+        return None
+    try:
+        if storage.size(spec.name) != rec.bytes or not storage.exists(spec.index_name):
+            return None
+    except FileNotFoundError:
+        return None
+    rec.reused = True
+    return rec
+
+
+def write_shard(source: Source, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
+    """Write (or reuse) one shard with its index and progress record. Safe to retry."""
+    fingerprint = spec.fingerprint(params)
+    done = _reusable(storage, spec, fingerprint)
+    if done is not None:
+        return done
+    start = time.perf_counter()
+    quarantine: list[dict] = []
+    with storage.staging(spec.name) as tar_tmp, storage.staging(spec.index_name) as idx_tmp:
+        with open(tar_tmp, "wb", buffering=1 << 20) as f:
+            w = ShardWriter(f)
+            for item in spec.items:
+                try:
+                    packed = pack(
+                        source.read(item),
+                        verify=options.verify,
+                        max_side=options.max_side,
+                        quality=options.jpeg_quality,
+                        keep_png=options.image_ext == "png",
+                    )
+                except BadImage as e:
+                    quarantine.append(Quarantined(item.key, item.source, str(e)).to_json())
+                    continue
+                except OSError as e:
+                    raise BuildError(f"{spec.name}: cannot read {item.source}: {e}") from e
+                meta = {
+                    "class": item.class_id,
+                    "source": item.source,
+                    "width": packed.width,
+                    "height": packed.height,
+                    "repaired": packed.repaired,
+                }
+                if packed.original_size:
+                    meta["original_size"] = list(packed.original_size)
+                w.add(item.key, packed.data, packed.ext, item.label, meta)
+            w.close()
+            size = w.offset
+        with open(idx_tmp, "w") as f:
+            f.write(w.index_text())
+        # Index first: a tar is never visible without its index. The record goes last.
+        storage.publish(spec.index_name, idx_tmp)
+        storage.publish(spec.name, tar_tmp)
+    rec = ShardRecord(
+        spec.name, spec.index_name, spec.split, w.samples, size, w.sha256, fingerprint,
+        round(time.perf_counter() - start, 3), False, quarantine,
+    )  # fmt: skip
+    storage.write_bytes_atomic(_record_name(spec), json.dumps(asdict(rec)).encode())
+    return rec
+
+
+def check_output(storage: Storage, plan: Plan) -> dict | None:
+    """Before writing: the finished manifest if this exact set is already built; clean leftovers.
+
+    Fails if the output holds a finished set built with other parameters, rather than mixing.
+    """
+    storage.makedirs()
+    if storage.exists(MANIFEST):
+        try:
+            m = read_manifest(storage)
+        except ManifestError as e:
+            raise BuildError(str(e)) from None
+        if m.get("dataset") == plan.dataset and m.get("params") == plan.params:
+            return m
+        raise BuildError(
+            f"{storage.root} already holds a finished {m.get('dataset')} set built with other parameters "
+            f"({m.get('params')}); choose another --output or delete it"
+        )
+    removed = storage.clean_temporaries()
+    if removed:
+        log.info("removed %d partial files left by an interrupted run", len(removed))
+    return None
+
+
+def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardRecord], image_ext: str) -> dict:
+    """Write manifest.json (last, atomically) and drop the progress records."""
+    by_name = {r.name: r for r in records}
+    missing = [s.name for s in plan.shards if s.name not in by_name]
+    if missing:
+        raise BuildError(f"shards not written: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    classes = [{"index": c.index, "id": c.id, "name": c.name} for c in source.classes()]
+    m = new_manifest(plan.dataset, image_ext, plan.params, classes)
+    for split in plan.splits:
+        specs = plan.split_shards(split)
+        recs = [by_name[s.name] for s in specs]
+        m["splits"][split] = {
+            "samples": sum(r.samples for r in recs),
+            "pattern": shard_pattern(plan.dataset, split, len(specs)),
+            "shards": [r.manifest_entry() for r in recs],
+        }
+        m["quarantine"] += [q.to_json() for q in plan.source_quarantine.get(split, [])]
+        m["quarantine"] += [q for r in recs for q in r.quarantine]
+    write_manifest(storage, m)
+    for s in plan.shards:
+        storage.remove(_record_name(s))
+    storage.remove(PROGRESS_DIR)
+    return m
+
+
+def summary_rows(plan: Plan, records: list[ShardRecord], seconds: dict[str, float]) -> list[dict]:
+    """Per split: samples, shards, bytes, quarantined, seconds, images/s (for logs and artifacts)."""
+    rows = []
+    for split in plan.splits:
+        recs = [r for r in records if r.split == split]
+        n = sum(r.samples for r in recs)
+        secs = seconds.get(split, 0.0)
+        rows.append({
+            "split": split,
+            "samples": n,
+            "shards": len(recs),
+            "bytes": sum(r.bytes for r in recs),
+            "quarantined": len(plan.source_quarantine.get(split, [])) + sum(len(r.quarantine) for r in recs),
+            "reused": sum(r.reused for r in recs),
+            "seconds": round(secs, 2),
+            "images_per_sec": round(n / secs, 1) if secs > 0 else None,
+        })  # fmt: skip
+    return rows
+
+
+def build(
+    source: Source,
+    output: str,
+    options: Options,
+    splits: Iterable[str] | None = None,
+    workers: int | None = None,
+    progress: Callable[[ShardRecord], None] | None = None,
+    scratch: str | None = None,
+) -> dict:
+    """Build the whole set with a local process pool; returns the manifest."""
+    storage = Storage(output, scratch=scratch)
+    plan = prepare(source, options, splits)
+    done = check_output(storage, plan)
+    if done is not None:
+        log.info("%s is already complete; nothing to do", storage.root)
+        return done
+    workers = max(1, workers or os.cpu_count() or 1)
+    records: list[ShardRecord] = []
+    # Biggest first so one slow shard does not run alone at the end.
+    specs = sorted(plan.shards, key=lambda s: -len(s.items))
+    if workers == 1:
+        for s in specs:
+            records.append(write_shard(source, s, storage, options, plan.params))
+            if progress:
+                progress(records[-1])
+    else:
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(write_shard, source, s, storage, options, plan.params) for s in specs]
+            for fut in cf.as_completed(futs):
+                records.append(fut.result())
+                if progress:
+                    progress(records[-1])
+    return finish(storage, source, plan, records, options.image_ext)

@@ -1,0 +1,136 @@
+"""Output locations: a local folder or any fsspec URL (s3://, gs://, memory://).
+
+Everything that writes goes through `Storage.publish`, which makes an object visible only
+once it is whole: locally a temporary name in the same folder then `os.replace` (atomic on
+POSIX); remotely an upload of a finished local file (s3fs uploads large files in multipart
+and S3 only shows an object when its upload completes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+
+TMP_MARK = ".tmp-"  # temporary names carry this; a rerun deletes any it finds
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+class Storage:
+    """A folder of named objects, local or remote."""
+
+    def __init__(self, root: str | os.PathLike, scratch: str | None = None) -> None:
+        self.root = str(root).rstrip("/")
+        self.remote = is_url(self.root)
+        if self.remote:
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+        else:
+            self.root = str(Path(str(root).removeprefix("file://")).resolve())
+            self.fs, self._root_path = fsspec.filesystem("file"), self.root
+        self.scratch = scratch  # local folder for remote uploads' staging files
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    def url(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def _path(self, name: str) -> str:
+        return f"{self._root_path}/{name}"
+
+    def makedirs(self) -> None:
+        if not self.remote:
+            os.makedirs(self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self._path(name))
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self._path(name)))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the root) of objects directly under root/prefix."""
+        base = self._path(prefix).rstrip("/") if prefix else self._root_path
+        try:
+            entries = self.fs.ls(base, detail=False, refresh=True) if self.remote else self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            name = str(e).rstrip("/").rsplit("/", 1)[-1]
+            out.append(f"{prefix.rstrip('/')}/{name}" if prefix else name)
+        return sorted(out)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open(self._path(name), "rb") as f:
+            return f.read()
+
+    def open(self, name: str, mode: str = "rb") -> BinaryIO:
+        return self.fs.open(self._path(name), mode)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path(name), recursive=True)
+
+    @contextlib.contextmanager
+    def staging(self, name: str) -> Iterator[str]:
+        """A local path to write `name` to; published by `publish(name, path)`.
+
+        Local output stages in the output folder itself (so the final rename is atomic and
+        no scratch space is used); remote output stages in the scratch folder.
+        """
+        if self.remote:
+            os.makedirs(self.scratch or tempfile.gettempdir(), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}{TMP_MARK}", dir=self.scratch)
+            os.close(fd)
+        else:
+            parent = os.path.dirname(self._path(name))
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}{TMP_MARK}", dir=parent)
+            os.close(fd)
+        try:
+            yield tmp
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def publish(self, name: str, local_path: str) -> None:
+        """Make the finished local file visible under `name`, whole or not at all."""
+        if self.remote:
+            self.fs.put_file(local_path, self._path(name))
+        else:
+            with open(local_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(local_path, self._path(name))
+
+    def write_bytes_atomic(self, name: str, data: bytes) -> None:
+        with self.staging(name) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            self.publish(name, tmp)
+
+    def clean_temporaries(self) -> list[str]:
+        """Delete what a killed run left half-written; returns the names removed."""
+        removed = []
+        if self.remote:
+            return removed  # remote objects are only ever created whole
+        for dirpath, _dirs, files in os.walk(self.root):
+            for f in files:
+                if TMP_MARK in f:
+                    os.remove(os.path.join(dirpath, f))
+                    removed.append(os.path.relpath(os.path.join(dirpath, f), self.root))
+        return removed
+
+
+def copy_to_local(storage: Storage, name: str, dest: str) -> None:
+    with storage.open(name) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)

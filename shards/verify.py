@@ -1,0 +1,115 @@
+"""Recheck a finished shard set against its manifest: `python -m shards verify PATH [--decode]`.
+
+Each shard is read once, as a stream: the sha256 is computed on the bytes as they pass, the
+tar members are walked at the same time and compared with the DALI index (names, offsets,
+sizes) and the manifest's sample count, and with --decode every image is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+
+from PIL import Image
+
+from shards.manifest import read_manifest
+from shards.storage import Storage
+
+
+class _Hashing(io.RawIOBase):
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        self.sha.update(data)
+        self.n += len(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
+    """DALI index v1.2 into per-sample lists of (ext, offset, size, name)."""
+    lines = text.splitlines()
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != "v1.2":
+        raise ValueError(f"not a v1.2 index header: {lines[0]!r}")
+    samples = []
+    for line in lines[1:]:
+        f = line.split()
+        if len(f) % 4:
+            raise ValueError(f"malformed index line: {line!r}")
+        samples.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
+    if int(head[1]) != len(samples):
+        raise ValueError(f"index header says {head[1]} samples, holds {len(samples)}")
+    return samples
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    problems: list[str]
+
+
+def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> ShardCheck:
+    name, problems = entry["name"], []
+    try:
+        size = storage.size(name)
+    except FileNotFoundError:
+        return ShardCheck(name, ["missing"])
+    if size != entry["bytes"]:
+        problems.append(f"size {size} != manifest {entry['bytes']}")
+    try:
+        index = parse_index(storage.read_bytes(entry["index"]).decode())
+    except FileNotFoundError:
+        index, _ = None, problems.append("index missing")
+    except ValueError as e:
+        index, _ = None, problems.append(f"index: {e}")
+    members: list[tuple[str, int, int]] = []
+    with storage.open(name) as raw:
+        stream = _Hashing(raw)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
+                for m in tar:
+                    members.append((m.name, m.offset_data, m.size))
+                    if decode and m.name.rsplit(".", 1)[-1] in ("jpg", "png"):
+                        data = tar.extractfile(m).read()
+                        try:
+                            with Image.open(io.BytesIO(data)) as img:
+                                img.load()
+                        except Exception as e:
+                            problems.append(f"{m.name}: undecodable: {e}")
+            while stream.read(1 << 20):  # hash the end-of-archive padding too
+                pass
+        except tarfile.TarError as e:
+            problems.append(f"not a readable tar: {e}")
+    if stream.sha.hexdigest() != entry["sha256"]:
+        problems.append("sha256 mismatch")
+    keys = {n.split(".", 1)[0] for n, _, _ in members}
+    if len(keys) != entry["samples"]:
+        problems.append(f"{len(keys)} samples in tar, manifest says {entry['samples']}")
+    if index is not None:
+        flat = [(n, o, s) for sample in index for _, o, s, n in sample]
+        if flat != members:
+            problems.append("index does not match the tar's members")
+    return ShardCheck(name, problems)
+
+
+def verify(root: str, decode: bool = False, progress=None) -> list[ShardCheck]:
+    """Check every shard of every split; returns the checks (empty problems = good)."""
+    storage = Storage(root)
+    m = read_manifest(storage)
+    checks = []
+    for split in m["splits"].values():
+        for entry in split["shards"]:
+            checks.append(check_shard(storage, entry, m["image_ext"], decode))
+            if progress:
+                progress(checks[-1])
+    return checks
