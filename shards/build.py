@@ -64,7 +64,13 @@ class ShardRecord:
     quarantine: list[dict] = field(default_factory=list)
 
     def manifest_entry(self) -> dict:
-        return {"name": self.name, "index": self.index, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        return {
+            "name": self.name,
+            "index": self.index,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
 
 
 def prepare(source: Source, options: Options, splits: Iterable[str] | None = None) -> Plan:
@@ -160,7 +166,10 @@ def check_output(storage: Storage, plan: Plan) -> dict | None:
 
     Fails if the output holds a finished set built with other parameters, rather than mixing.
     """
-    storage.makedirs()
+    try:
+        storage.check_writable()
+    except PermissionError as e:
+        raise BuildError(str(e)) from None
     if storage.exists(MANIFEST):
         try:
             m = read_manifest(storage)

@@ -98,7 +98,8 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
         if split not in m["splits"]:
             raise ManifestError(f"{storage.root}: manifest has no split {split!r} (has {sorted(m['splits'])})")
         refs = [
-            ShardRef(storage.url(s["name"]), storage.url(s["index"]), s["samples"]) for s in m["splits"][split]["shards"]
+            ShardRef(storage.url(s["name"]), storage.url(s["index"]), s["samples"])
+            for s in m["splits"][split]["shards"]
         ]
         return refs, m
     urls = [u for s in specs for u in braceexpand(s)]

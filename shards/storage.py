@@ -51,6 +51,21 @@ class Storage:
         if not self.remote:
             os.makedirs(self.root, exist_ok=True)
 
+    def check_writable(self) -> None:
+        """Fail in one line, before any work, if the output cannot be written.
+
+        A probe object is written and deleted: that catches a missing bucket, bad
+        credentials and read-only permissions alike, which a listing would not.
+        """
+        probe = f"_probe{TMP_MARK}{os.getpid()}"
+        try:
+            self.makedirs()
+            self.write_bytes_atomic(probe, b"")
+            self.remove(probe)
+        except Exception as e:  # botocore, aiohttp and OS errors all end up here
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PermissionError(f"cannot write to {self.root}: {type(e).__name__}: {reason}") from None
+
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
 
@@ -90,7 +105,7 @@ class Storage:
         """
         if self.remote:
             os.makedirs(self.scratch or tempfile.gettempdir(), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f"{name}{TMP_MARK}", dir=self.scratch)
+            fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(name)}{TMP_MARK}", dir=self.scratch)
             os.close(fd)
         else:
             parent = os.path.dirname(self._path(name))

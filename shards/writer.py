@@ -27,7 +27,7 @@ class ShardWriter:
     """Streams samples into an open binary file. Call `close()` to finish the tar."""
 
     out: BinaryIO
-    sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    sha: hashlib._Hash = field(default_factory=hashlib.sha256)
     offset: int = 0
     index_lines: list[str] = field(default_factory=list)
     samples: int = 0

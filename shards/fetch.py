@@ -1,0 +1,168 @@
+"""Download archives with resume, retries and checksums: local paths, http(s):// and s3://.
+
+A 150 GB download breaks halfway; starting over is not an option. Bytes go to `<name>.part`
+in the cache folder; after a dropped connection the next attempt asks only for the rest
+(HTTP Range, or a ranged S3 GET), with exponential backoff and jitter between attempts. A
+finished file is checked against its MD5 before it takes its final name, and a sidecar
+`<name>.md5` lets the next run reuse it without hashing 150 GB again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import fsspec
+import requests
+
+from shards.storage import is_url
+
+log = logging.getLogger("shards.fetch")
+CHUNK = 1 << 20
+
+
+class FetchError(RuntimeError):
+    """A download that cannot succeed (4xx, checksum mismatch twice, retries exhausted)."""
+
+
+class _Retryable(Exception):
+    pass
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 8
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    timeout: float = 60.0  # seconds without a byte before a connection counts as dead
+
+    def delay(self, attempt: int) -> float:
+        # Full jitter (AWS architecture blog): spreads retries of many clients apart.
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+def md5_file(path: str, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * CHUNK):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=policy.timeout) as r:
+            if r.status_code == 416 and have:  # asked past the end: the part is already whole
+                return
+            if r.status_code in (429,) or r.status_code >= 500:
+                raise _Retryable(f"HTTP {r.status_code}")
+            if r.status_code >= 400:
+                raise FetchError(f"{url}: HTTP {r.status_code} {r.reason}")
+            if have and r.status_code != 206:
+                have = 0  # the server ignored Range: start over rather than append garbage
+            total = r.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            with open(part, "ab" if have else "wb") as f:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if progress:
+                        progress(have, total)
+            if total is not None and have < total:
+                raise _Retryable(f"connection closed at {have} of {total} bytes")
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+        raise _Retryable(f"{type(e).__name__}: {e}") from None
+
+
+def _fs_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        total = int(fs.size(path))
+        if have >= total:
+            return
+        with fs.open(path, "rb", block_size=8 * CHUNK) as src, open(part, "ab") as f:
+            src.seek(have)  # a ranged GET from where the last attempt stopped
+            while have < total:
+                chunk = src.read(min(8 * CHUNK, total - have))
+                if not chunk:
+                    raise _Retryable(f"stream ended at {have} of {total} bytes")
+                f.write(chunk)
+                have += len(chunk)
+                if progress:
+                    progress(have, total)
+    except FileNotFoundError:
+        raise FetchError(f"{url}: not found") from None
+    except PermissionError as e:
+        raise FetchError(f"{url}: access denied: {e}") from None
+    except OSError as e:  # s3fs maps throttling and 5xx to OSError subclasses after its own retries
+        raise _Retryable(f"{type(e).__name__}: {e}") from None
+
+
+def _download(url: str, part: str, policy: RetryPolicy, progress) -> None:
+    attempt_fn = _http_attempt if url.startswith(("http://", "https://")) else _fs_attempt
+    for attempt in range(policy.attempts):
+        try:
+            attempt_fn(url, part, policy, progress)
+            return
+        except _Retryable as e:
+            if attempt == policy.attempts - 1:
+                raise FetchError(f"{url}: giving up after {policy.attempts} attempts: {e}") from None
+            wait = policy.delay(attempt)
+            log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", url, e, wait, attempt + 2, policy.attempts)
+            time.sleep(wait)
+
+
+def fetch(
+    url: str,
+    cache_dir: str,
+    *,
+    md5: str | None = None,
+    policy: RetryPolicy | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> str:
+    """Return a local path holding `url`'s bytes, verified against `md5` when given.
+
+    Local paths are returned as they are (checked, not copied). A mismatch costs one fresh
+    download; a second mismatch raises FetchError naming the file and both digests.
+    """
+    policy = policy or RetryPolicy()
+    if not is_url(url):
+        path = url.removeprefix("file://")
+        if not os.path.exists(path):
+            raise FetchError(f"{path}: no such file")
+        if md5 and (got := md5_file(path)) != md5:
+            raise FetchError(f"{path}: MD5 {got} does not match the expected {md5}")
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    final, part, sidecar = (os.path.join(cache_dir, n) for n in (name, name + ".part", name + ".md5"))
+    if os.path.exists(final) and os.path.exists(sidecar):
+        with open(sidecar) as f:
+            recorded = f.read().strip()
+        if md5 is None or recorded == md5:
+            log.info("%s: reusing verified download %s", name, final)
+            return final
+    for fresh in (False, True):
+        if fresh and os.path.exists(part):
+            os.remove(part)
+        _download(url, part, policy, progress)
+        got = md5_file(part)
+        if md5 is None or got == md5:
+            with open(sidecar + ".tmp", "w") as f:
+                f.write(got + "\n")
+            os.replace(part, final)
+            os.replace(sidecar + ".tmp", sidecar)
+            return final
+        log.warning("%s: MD5 %s, expected %s; downloading once more", name, got, md5)
+    os.remove(part)
+    raise FetchError(f"{name}: MD5 {got} does not match the expected {md5} (after a fresh download)")
