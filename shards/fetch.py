@@ -9,7 +9,6 @@ finished file is checked against its MD5 before it takes its final name, and a s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import fsspec
 import requests
 
+from shards.checksums import md5_file
 from shards.storage import is_url
 
 log = logging.getLogger("shards.fetch")
@@ -44,16 +44,6 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         # Full jitter (AWS architecture blog): spreads retries of many clients apart.
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-def md5_file(path: str, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(8 * CHUNK):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
@@ -140,7 +130,7 @@ def fetch(
         path = url.removeprefix("file://")
         if not os.path.exists(path):
             raise FetchError(f"{path}: no such file")
-        if md5 and (got := md5_file(path)) != md5:
+        if md5 and (got := md5_file(path, progress=False)) != md5:
             raise FetchError(f"{path}: MD5 {got} does not match the expected {md5}")
         return path
     os.makedirs(cache_dir, exist_ok=True)
@@ -156,7 +146,7 @@ def fetch(
         if fresh and os.path.exists(part):
             os.remove(part)
         _download(url, part, policy, progress)
-        got = md5_file(part)
+        got = md5_file(part, progress=False)
         if md5 is None or got == md5:
             with open(sidecar + ".tmp", "w") as f:
                 f.write(got + "\n")

@@ -135,9 +135,18 @@ class Storage:
 
     def clean_temporaries(self) -> list[str]:
         """Delete what a killed run left half-written; returns the names removed."""
-        removed = []
+        removed: list[str] = []
         if self.remote:
-            return removed  # remote objects are only ever created whole
+            # Objects only appear whole, but a killed multipart upload leaves hidden, billed
+            # parts behind: abort the ones under this prefix.
+            protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+            if "s3" in protocols:
+                bucket, _, prefix = self._root_path.partition("/")
+                for up in self.fs.list_multipart_uploads(bucket):
+                    if up["Key"].startswith(prefix.rstrip("/") + "/"):
+                        self.fs.abort_mpu(bucket, up["Key"], up["UploadId"])
+                        removed.append(up["Key"])
+            return removed
         for dirpath, _dirs, files in os.walk(self.root):
             for f in files:
                 if TMP_MARK in f:

@@ -74,3 +74,14 @@ def test_missing_bucket_fails_in_one_line_before_any_work(s3):
     with pytest.raises(BuildError) as e:
         build(PhotoSource(), "s3://no-such-bucket/x", Options(seed=1, shard_samples=7), workers=1)
     assert "no-such-bucket" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_incomplete_multipart_uploads_under_the_output_are_aborted(s3):
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_multipart_upload(Bucket="team-data", Key="mpu/photos-train-000.tar")
+    client.create_multipart_upload(Bucket="team-data", Key="elsewhere/keep.tar")
+    build(PhotoSource(), "s3://team-data/mpu", Options(seed=1, shard_samples=7), workers=1)
+    left = [u["Key"] for u in client.list_multipart_uploads(Bucket="team-data").get("Uploads", [])]
+    assert left == ["elsewhere/keep.tar"]
