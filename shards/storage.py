@@ -9,16 +9,51 @@ and S3 only shows an object when its upload completes).
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
+import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
 
 TMP_MARK = ".tmp-"  # temporary names carry this; a rerun deletes any it finds
+REMOTE_ATTEMPTS = 6  # our own retries, on top of botocore's, for stores that fail for a while
+# botocore's "standard" mode retries 5xx and throttling (SlowDown) with jittered backoff.
+S3_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+log = logging.getLogger("shards.storage")
+
+
+def _retry_remote(fn: Callable) -> Callable:
+    """Retry a remote operation on transient errors (5xx, throttling, dropped connections).
+
+    Missing objects and denied access are answers, not failures, and are raised at once.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self: Storage, *args, **kwargs):
+        if not self.remote:
+            return fn(self, *args, **kwargs)
+        for attempt in range(REMOTE_ATTEMPTS):
+            try:
+                return fn(self, *args, **kwargs)
+            except _PERMANENT:
+                raise
+            except OSError as e:
+                if attempt == REMOTE_ATTEMPTS - 1:
+                    raise
+                wait = random.uniform(0, min(30.0, 0.5 * 2**attempt))
+                log.warning("%s %s: %s; retrying in %.1fs", fn.__name__, self.root, e, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 def is_url(path: str) -> bool:
@@ -32,7 +67,8 @@ class Storage:
         self.root = str(root).rstrip("/")
         self.remote = is_url(self.root)
         if self.remote:
-            self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+            options = S3_OPTIONS if self.root.startswith(("s3://", "s3a://")) else {}
+            self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
         else:
             self.root = str(Path(str(root).removeprefix("file://")).resolve())
             self.fs, self._root_path = fsspec.filesystem("file"), self.root
@@ -66,12 +102,15 @@ class Storage:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PermissionError(f"cannot write to {self.root}: {type(e).__name__}: {reason}") from None
 
+    @_retry_remote
     def exists(self, name: str) -> bool:
         return self.fs.exists(self._path(name))
 
+    @_retry_remote
     def size(self, name: str) -> int:
         return int(self.fs.size(self._path(name)))
 
+    @_retry_remote
     def list(self, prefix: str = "") -> list[str]:
         """Names (relative to the root) of objects directly under root/prefix."""
         base = self._path(prefix).rstrip("/") if prefix else self._root_path
@@ -85,6 +124,7 @@ class Storage:
             out.append(f"{prefix.rstrip('/')}/{name}" if prefix else name)
         return sorted(out)
 
+    @_retry_remote
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open(self._path(name), "rb") as f:
             return f.read()
@@ -92,6 +132,7 @@ class Storage:
     def open(self, name: str, mode: str = "rb") -> BinaryIO:
         return self.fs.open(self._path(name), mode)
 
+    @_retry_remote
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self._path(name), recursive=True)
@@ -118,6 +159,7 @@ class Storage:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
+    @_retry_remote
     def publish(self, name: str, local_path: str) -> None:
         """Make the finished local file visible under `name`, whole or not at all."""
         if self.remote:

@@ -1,0 +1,83 @@
+"""A loopback reverse proxy in front of a real S3 endpoint that fails for a while, then recovers.
+
+The first `failures` requests get an S3-style error (alternating 500 InternalError and 503
+SlowDown, S3's throttling answer); every later request is forwarded unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+
+
+class FaultyS3Proxy:
+    def __init__(self, upstream: str, failures: int) -> None:
+        self.upstream, self.failures_left = upstream.rstrip("/"), failures
+        self.lock = threading.Lock()
+        self.errors_sent: list[int] = []
+        proxy = self
+        session = requests.Session()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    fail = proxy.failures_left > 0
+                    if fail:
+                        proxy.failures_left -= 1
+                        status = 503 if len(proxy.errors_sent) % 2 else 500
+                        proxy.errors_sent.append(status)
+                if fail:
+                    code = "SlowDown" if status == 503 else "InternalError"
+                    msg = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(msg)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
+                r = session.request(
+                    self.command,
+                    proxy.upstream + self.path,
+                    headers=headers,
+                    data=body,
+                    stream=True,
+                    allow_redirects=False,
+                )
+                data = r.raw.read(decode_content=False)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.send_header(
+                    "Content-Length", str(len(data) if self.command != "HEAD" else r.headers.get("Content-Length", 0))
+                )
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyS3Proxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
