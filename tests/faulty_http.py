@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -14,9 +15,16 @@ class FaultyServer:
     `max_drops` caps the number of cut bodies so a test knows the download can finish."""
 
     def __init__(
-        self, root: Path, drop_rate: float = 0.0, error_rate: float = 0.0, seed: int = 0, max_drops: int | None = None
+        self,
+        root: Path,
+        drop_rate: float = 0.0,
+        error_rate: float = 0.0,
+        seed: int = 0,
+        max_drops: int | None = None,
+        rate: int | None = None,
     ) -> None:
         self.root, self.drop_rate, self.error_rate, self.drops_left = root, drop_rate, error_rate, max_drops
+        self.rate = rate  # bytes per second, to make a download slow enough to kill mid-way
         self.rng = random.Random(seed)
         self.requests: list[tuple[str, str | None, int]] = []  # (path, Range header, status)
         server = self
@@ -67,6 +75,12 @@ class FaultyServer:
                     self.wfile.write(body[: len(body) // 3])
                     self.wfile.flush()
                     self.close_connection = True
+                    return
+                if server.rate:
+                    step = max(1, server.rate // 20)
+                    for i in range(0, len(body), step):
+                        self.wfile.write(body[i : i + step])
+                        time.sleep(0.05)
                     return
                 self.wfile.write(body)
 

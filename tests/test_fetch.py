@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +77,24 @@ def test_local_path_is_checked_not_copied(archive, tmp_path):
     assert fetch(str(root / "a.tar"), str(tmp_path / "cache"), md5=md5) == str(root / "a.tar")
     with pytest.raises(FetchError, match="does not match"):
         fetch(str(root / "a.tar"), str(tmp_path / "cache"), md5="1" * 32)
+
+
+def test_kill_9_during_download_then_rerun_resumes_from_the_part(archive, tmp_path):
+    root, data, md5 = archive
+    cache = tmp_path / "cache"
+    part = cache / "a.tar.part"
+    with FaultyServer(root, rate=512 << 10) as slow:
+        code = f"from shards.fetch import fetch; fetch({slow.url + '/a.tar'!r}, {str(cache)!r}, md5={md5!r})"
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        deadline = time.monotonic() + 30
+        while not (part.exists() and part.stat().st_size > 256 << 10):
+            assert time.monotonic() < deadline and proc.poll() is None, "download never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    have = part.stat().st_size
+    assert 0 < have < len(data) and not (cache / "a.tar").exists()
+    with FaultyServer(root) as srv:
+        path = fetch(f"{srv.url}/a.tar", str(cache), md5=md5, policy=FAST)
+    assert Path(path).read_bytes() == data
+    assert srv.requests[0][1] == f"bytes={have}-"  # asked only for the rest
