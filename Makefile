@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m flows build-shards --dataset demo --output data/demo
+	$(BIN)/python -m flows build-shards --dataset demo --output data/demo --shard-samples 500
 	$(BIN)/python -m shards verify data/demo
 
 test: install

@@ -60,7 +60,11 @@ def _samples(out: Path, manifest: dict, split: str) -> dict[str, dict[str, bytes
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".idx")}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.iterdir())
+        if p.suffix in (".tar", ".idx")
+    }
 
 
 def _manifest_sans_time(out: Path) -> dict:
@@ -215,12 +219,13 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _run_child(root: Path, out: Path, delay: float) -> subprocess.Popen:
+def _run_child(root: Path, out: Path, delay: float, log: Path) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(root), str(out), str(delay)],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    with open(log, "wb") as err:  # a file, not a pipe nobody reads while the child runs
+        return subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(root), str(out), str(delay)],
+            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
 
 
 def test_kill_9_mid_build_then_rerun_is_byte_identical(built, tmp_path):
@@ -231,7 +236,7 @@ def test_kill_9_mid_build_then_rerun_is_byte_identical(built, tmp_path):
     assert total > 20
 
     out = tmp_path / "killed"
-    child = _run_child(root, out, delay=0.05)
+    child = _run_child(root, out, delay=0.05, log=tmp_path / "killed.log")
     deadline = time.monotonic() + 60
     while not list(out.glob("*.tar")) and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.005)
@@ -241,9 +246,9 @@ def test_kill_9_mid_build_then_rerun_is_byte_identical(built, tmp_path):
     published = list(out.glob("*.tar"))
     assert 1 <= len(published) < total and not (out / MANIFEST).exists()
 
-    rerun = _run_child(root, out, delay=0)
-    _, err = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, err.decode()[-2000:]
+    rerun = _run_child(root, out, delay=0, log=tmp_path / "rerun.log")
+    rerun.wait(timeout=120)
+    assert rerun.returncode == 0, (tmp_path / "rerun.log").read_text()[-2000:]
     assert _digests(out) == _digests(reference)
     assert _manifest_sans_time(out) == _manifest_sans_time(reference)
     left = [str(p) for p in out.rglob("*") if TMP_MARK in p.name or p.name == "_progress"]

@@ -234,3 +234,55 @@ def test_md5_file_and_override_parsing(tmp_path):
     for bad in ["nohash", f"{TRAIN_TAR}=xyz", "=" + "a" * 32]:
         with pytest.raises(ChecksumError, match="NAME=HEX"):
             parse_md5_overrides([bad])
+
+
+def _rewrite_train(fx, root: Path, extra: list[tuple[str, bytes]]) -> None:
+    """The fixture's train tar plus `extra` outer members."""
+    with tarfile.open(fx[0] / TRAIN_TAR) as src_tf, tarfile.open(root / TRAIN_TAR, "w") as out:
+        for m in src_tf.getmembers():
+            out.addfile(m, src_tf.extractfile(m) if m.isreg() else None)
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+
+
+def test_outer_members_that_are_not_class_tars_are_quarantined(fx, tmp_path):
+    root = _copy(fx, tmp_path / "extra", names=(VAL_TAR, DEVKIT))
+    wnids = fx[1]["wnids"]
+    with tarfile.open(fx[0] / TRAIN_TAR) as tf:
+        class_tar = tf.extractfile(f"{wnids[0]}.tar").read()
+    # n00001740 is a non-leaf synset of the devkit: not a class, whatever its archive holds.
+    _rewrite_train(fx, root, [("README.txt", b"hello"), ("n00001740.tar", class_tar)])
+    s = ImageNetSource(str(root))
+    q = {x.source: x.reason for x in s.quarantined("train")}
+    assert "not a class archive" in q["README.txt"]
+    assert "not one of the devkit's leaf synsets" in q["n00001740.tar"]
+    assert {it.class_id for it in s.items("train")} == set(wnids)
+
+
+def test_duplicate_keys_are_quarantined(fx, tmp_path):
+    root = _copy(fx, tmp_path / "dups", names=(VAL_TAR, DEVKIT))
+    wnids = fx[1]["wnids"]
+    with tarfile.open(fx[0] / TRAIN_TAR) as tf:
+        class_tar = tf.extractfile(f"{wnids[0]}.tar").read()
+    _rewrite_train(fx, root, [(f"subdir/{wnids[1]}.tar", class_tar)])  # same member names, again
+    s = ImageNetSource(str(root))
+    keys = [it.key for it in s.items("train")]
+    assert len(keys) == len(set(keys))
+    dups = [x for x in s.quarantined("train") if x.reason.startswith("duplicate key")]
+    assert dups and all(x.source.startswith(f"subdir/{wnids[1]}.tar/") for x in dups)
+
+
+def test_ground_truth_naming_a_non_leaf_id_is_an_error(fx, tmp_path):
+    root = _copy(fx, tmp_path / "badtruth", names=(TRAIN_TAR, VAL_TAR))
+    n_leaves = len(fx[1]["wnids"])
+    with tarfile.open(fx[0] / DEVKIT, "r:gz") as src_tf, tarfile.open(root / DEVKIT, "w:gz") as out:
+        for m in src_tf.getmembers():
+            data = src_tf.extractfile(m).read() if m.isreg() else b""
+            if m.name.endswith("ground_truth.txt"):
+                data = f"{n_leaves + 1}\n".encode() + data.split(b"\n", 1)[1]  # a non-leaf row's ID
+                m.size = len(data)
+            out.addfile(m, io.BytesIO(data) if m.isreg() else None)
+    with pytest.raises(ImageNetError, match=r"line 1 .* not the ID of a leaf synset"):
+        ImageNetSource(str(root))

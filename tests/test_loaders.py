@@ -20,7 +20,7 @@ from loaders.spec import parse_index
 from shards.build import build
 from shards.manifest import ManifestError
 from shards.types import Item, Options
-from tests.helpers import PHOTOS, PhotoSource, build_photo_shards
+from helpers import PHOTOS, PhotoSource, build_photo_shards
 
 SIZE = 64
 BACKENDS = ["dali", "pytorch"]
@@ -72,9 +72,9 @@ def test_eval_pixels_and_labels_match_pil_reference(shard_dir, backend):
         for img, label in zip(images.numpy(), labels.tolist(), strict=True):
             ref = reference(PHOTOS[label])  # label i is photo i (24 classes, one copy)
             diff = np.abs(img - ref)
-            # Normalized units (1.0 is about 57 grey levels): resampling filters differ a little.
-            assert diff.mean() < 0.06, (backend, label, diff.mean())
-            assert np.percentile(diff, 99) < 0.6, (backend, label, np.percentile(diff, 99))
+            # Normalized units (1.0 is about 57 grey levels); a pixel's shift would give about 0.3.
+            assert diff.mean() < 0.02, (backend, label, diff.mean())
+            assert np.percentile(diff, 99) < 0.1, (backend, label, np.percentile(diff, 99))
             seen.add(label)
     assert seen == set(range(24))
 

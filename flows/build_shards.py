@@ -1,0 +1,272 @@
+"""The `build-shards` Prefect flow: shards/ functions as coarse tasks with retries and progress.
+
+    index-source    open the source, index it, plan the shards, check the output (one task)
+    write-shards    a batch of whole shards per task, a few tasks per worker, run on a
+                    ThreadPoolTaskRunner(max_workers=workers) whose threads hand each shard to
+                    a pool of `workers` processes (flows/pool.py): true CPU parallelism, and
+                    at most `workers` shards in memory at once
+    finish          manifest.json, written last
+
+Every format decision lives in shards/; this file only orders the calls, retries them, and
+reports progress (a progress artifact, run-logger lines, a summary table artifact). A rerun
+after a crash reuses every shard already published (shards/build.py's resume records).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
+
+from flows.params import (
+    check_params,
+    default_image_ext,
+    make_options,
+    parse_splits,
+    source_kwargs,
+)
+from flows.pool import ShardPool
+from shards.build import BuildError, Plan, ShardRecord, check_output, finish, prepare, summary_rows, write_shard
+from shards.plan import ShardSpec
+from shards.sources import open_source
+from shards.storage import Storage
+from shards.types import Options, Source
+
+SUMMARY_KEY = "build-shards-summary"
+PROGRESS_KEY = "build-shards-progress"
+MAX_TASKS = 200  # the Prefect server copes with a few hundred task runs per flow run, not thousands
+TASKS_PER_WORKER = 3  # enough that a slow batch does not leave the other workers idle at the end
+
+
+@dataclass
+class Prepared:
+    """What index-source hands on: the open source, the plan, the output, and the finished
+    manifest when the output already holds this exact set."""
+
+    source: Source
+    plan: Plan
+    storage: Storage
+    done: dict | None
+
+
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not mistakes: a wrong parameter or a missing file fails the same way twice."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, BuildError | ValueError | KeyError | TypeError | FileNotFoundError | PermissionError)
+
+
+@task(name="index-source", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+def index_source(
+    dataset: str, source: str | None, source_kw: dict, options: Options, splits: list[str] | None, output: str
+) -> Prepared:
+    log = get_run_logger()
+    src = open_source(dataset, source, **source_kw)
+    plan = prepare(src, options, splits)
+    storage = Storage(output)
+    for split in plan.splits:
+        specs = plan.split_shards(split)
+        log.info(
+            "plan %s: %d images in %d shards (%s), %d quarantined while indexing",
+            split, sum(len(s.items) for s in specs), len(specs), specs[0].name if specs else "-",
+            len(plan.source_quarantine.get(split, [])),
+        )  # fmt: skip
+    return Prepared(src, plan, storage, check_output(storage, plan))
+
+
+@dataclass
+class Progress:
+    """Counts finished shards across task threads; keeps the progress artifact current and
+    times each split from its first shard's start to its last shard's end."""
+
+    total: int
+    artifact_id: object
+    done: dict[str, ShardRecord] = field(default_factory=dict)
+    first_start: dict[str, float] = field(default_factory=dict)
+    last_end: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def shard_started(self, spec: ShardSpec) -> None:
+        with self._lock:
+            self.first_start.setdefault(spec.split, time.perf_counter())
+
+    def shard_done(self, rec: ShardRecord) -> None:
+        with self._lock:
+            self.done[rec.name] = rec  # by name: a retried batch does not count its shards twice
+            self.last_end[rec.split] = time.perf_counter()
+            pct = 100.0 * len(self.done) / self.total
+            update_progress_artifact(self.artifact_id, pct, description=f"{len(self.done)} of {self.total} shards")
+
+    def split_seconds(self) -> dict[str, float]:
+        return {s: self.last_end[s] - t for s, t in self.first_start.items() if s in self.last_end}
+
+
+@task(name="write-shards", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE, task_run_name="write-{label}")
+def write_batch(
+    label: str,
+    specs: list[ShardSpec],
+    job: Prepared,
+    options: Options,
+    pool: ShardPool | None,
+    progress: Progress,
+) -> list[ShardRecord]:
+    """Write (or reuse) whole shards one after another; with a pool each goes to a process."""
+    log = get_run_logger()
+    start, records = time.perf_counter(), []
+    params = job.plan.params
+    for spec in specs:
+        progress.shard_started(spec)
+        if pool is not None:
+            rec = pool.write(spec, job.storage, options, params)
+        else:
+            rec = write_shard(job.source, spec, job.storage, options, params)
+        records.append(rec)
+        progress.shard_done(rec)
+    n, q = sum(r.samples for r in records), sum(len(r.quarantine) for r in records)
+    reused = sum(r.reused for r in records)
+    secs = time.perf_counter() - start
+    log.info(
+        "batch %s done: %d shards (%d reused), %d images, %d quarantined, %.1fs",
+        label, len(records), reused, n, q, secs,
+    )  # fmt: skip
+    return records
+
+
+@task(name="finish", retries=2, retry_delay_seconds=3, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+def finish_set(job: Prepared, records: list[ShardRecord], image_ext: str) -> dict:
+    return finish(job.storage, job.source, job.plan, records, image_ext)
+
+
+def batches(specs: list[ShardSpec], workers: int) -> list[list[ShardSpec]]:
+    """Cut the shards into about TASKS_PER_WORKER x workers batches (at most MAX_TASKS), in
+    split order (so each split's time and images/s mean something), biggest shards first
+    within a split so its last task is a short one."""
+    if not specs:
+        return []
+    split_order = {s: i for i, s in enumerate(dict.fromkeys(spec.split for spec in specs))}
+    ordered = sorted(specs, key=lambda s: (split_order[s.split], -len(s.items), s.name))
+    n_tasks = min(len(ordered), MAX_TASKS, TASKS_PER_WORKER * workers)
+    per = -(-len(ordered) // n_tasks)
+    return [ordered[i : i + per] for i in range(0, len(ordered), per)]
+
+
+def batch_label(specs: list[ShardSpec]) -> str:
+    return specs[0].name.removesuffix(".tar") + (f"-and-{len(specs) - 1}-more" if len(specs) > 1 else "")
+
+
+def rows_from_manifest(plan: Plan, manifest: dict) -> list[dict]:
+    """Summary rows for a set that was already complete (nothing written, every shard reused)."""
+    rows = []
+    quarantined = {(q["key"], q["source"]) for q in manifest.get("quarantine", [])}
+    for split in plan.splits:
+        entry = manifest["splits"][split]
+        planned = {(it.key, it.source) for s in plan.split_shards(split) for it in s.items}
+        rows.append({
+            "split": split,
+            "samples": entry["samples"],
+            "shards": len(entry["shards"]),
+            "bytes": sum(s["bytes"] for s in entry["shards"]),
+            "quarantined": len(plan.source_quarantine.get(split, [])) + len(quarantined & planned),
+            "reused": len(entry["shards"]),
+            "seconds": 0.0,
+            "images_per_sec": None,
+        })  # fmt: skip
+    return rows
+
+
+@flow(name="build-shards", description="Dataset to verified, shuffled WebDataset shards with DALI indexes.")
+def build_shards(
+    dataset: str,
+    output: str,
+    source: str | None = None,
+    splits: list[str] | str | None = None,
+    shard_size: str | int | None = None,
+    shard_samples: int | None = None,
+    seed: int = 0,
+    verify: str = "decode",
+    max_side: int | None = None,
+    workers: int | None = None,
+    md5: dict[str, str] | None = None,
+    check_md5: bool = False,
+    val_fraction: float | None = None,
+    image_ext: str | None = None,
+    jpeg_quality: int = 95,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
+    demo_size: int | None = None,
+) -> dict:
+    """Build `dataset` from `source` into shards + manifest.json at `output` (a folder or URL).
+
+    Parameters mirror `python -m flows build-shards --help`: shard_size is bytes or a string
+    such as "1GB" (default 1GB) and excludes shard_samples; splits is "train,val" or a list
+    (default: all); workers defaults to the CPU count; md5 maps archive names to digests;
+    train_per_class, val_per_class and demo_size size the demo set only.
+    Returns {"output", "dataset", "rows": per-split summary, "complete_before": bool}.
+    """
+    log = get_run_logger()
+    check_params(
+        dataset, source, output, shard_size, shard_samples, verify, max_side, workers, md5,
+        val_fraction, image_ext, jpeg_quality,
+    )  # fmt: skip
+    workers = workers or os.cpu_count() or 1
+    ext = default_image_ext(dataset, image_ext)
+    source_kw = source_kwargs(
+        dataset, seed=seed, md5=md5, check_md5=check_md5, val_fraction=val_fraction, image_ext=ext,
+        jpeg_quality=jpeg_quality, train_per_class=train_per_class, val_per_class=val_per_class, demo_size=demo_size,
+    )  # fmt: skip
+    options = make_options(
+        dataset, seed=seed, shard_size=shard_size, shard_samples=shard_samples, verify=verify, max_side=max_side,
+        image_ext=ext, jpeg_quality=jpeg_quality, source_kw=source_kw,
+    )  # fmt: skip
+    log.info("build-shards %s from %s to %s with %d workers", dataset, source or "(generated)", output, workers)
+    start = time.perf_counter()
+    job = index_source(dataset, source, source_kw, options, parse_splits(splits), output)
+    plan = job.plan
+    log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(plan.shards))
+
+    if job.done is not None:
+        log.info("%s already holds this complete set; nothing to do", job.storage.root)
+        rows = rows_from_manifest(plan, job.done)
+    else:
+        progress = Progress(len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+        groups = batches(plan.shards, workers)
+        log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
+        pool = ShardPool(job.source, workers) if workers > 1 else None
+        try:
+            with ThreadPoolTaskRunner(max_workers=workers) as runner:
+                futures = [
+                    runner.submit(
+                        write_batch,
+                        {"label": batch_label(g), "specs": quote(g), "job": quote(job), "options": options,
+                         "pool": quote(pool), "progress": quote(progress)},
+                    )  # fmt: skip
+                    for g in groups
+                ]
+                for f in futures:
+                    f.wait()
+                # Every batch ran to its end first, so a failure leaves all other shards reusable.
+                records = [r for f in futures for r in f.result()]
+        finally:
+            if pool is not None:
+                pool.close()
+        finish_set(quote(job), quote(records), ext)
+        rows = summary_rows(plan, records, progress.split_seconds())
+
+    quarantined = sum(r["quarantined"] for r in rows)
+    if quarantined:
+        log.warning("%d images quarantined (listed in manifest.json with reasons)", quarantined)
+    for r in rows:
+        log.info(
+            "%s: %d images in %d shards, %.1f MB, %d quarantined, %d reused, %.1fs, %s images/s",
+            r["split"], r["samples"], r["shards"], r["bytes"] / 1e6, r["quarantined"], r["reused"], r["seconds"],
+            r["images_per_sec"],
+        )  # fmt: skip
+    create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
+    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
+    return {"output": job.storage.root, "dataset": dataset, "rows": rows, "complete_before": job.done is not None}

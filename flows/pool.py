@@ -1,0 +1,68 @@
+"""The process pool that does the CPU work of writing shards (decode, verify, re-encode, hash).
+
+Python threads cannot decode images in parallel, so the flow's tasks (threads) hand each
+shard to one of `workers` spawned processes. The source is sent to each process once, when
+it starts, rather than pickled with every shard; a process holds one shard at a time, so
+memory stays bounded whatever the dataset size. This module imports no Prefect, so a spawned
+process starts quickly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import threading
+from concurrent.futures.process import BrokenProcessPool
+
+from shards.build import ShardRecord, write_shard
+from shards.plan import ShardSpec
+from shards.storage import Storage
+from shards.types import Options, Source
+
+_source: Source | None = None  # set in each pool process by _init
+
+
+def _init(source: Source) -> None:
+    global _source
+    _source = source
+
+
+def _write(spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
+    assert _source is not None, "pool process not initialised"
+    return write_shard(_source, spec, storage, options, params)
+
+
+class ShardPool:
+    """`workers` spawned processes writing one shard each at a time."""
+
+    def __init__(self, source: Source, workers: int) -> None:
+        self.source, self.workers = source, workers
+        self._lock = threading.Lock()
+        self._pool = self._start()
+
+    def _start(self) -> cf.ProcessPoolExecutor:
+        ctx = mp.get_context("spawn")
+        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init, initargs=(self.source,))
+
+    def write(self, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
+        """Write one shard in a pool process and wait for its record (called from task threads)."""
+        pool = self._pool
+        try:
+            return pool.submit(_write, spec, storage, options, params).result()
+        except BrokenProcessPool:
+            # A process died (killed, out of memory): start a fresh pool so the task's retry can
+            # succeed, then fail this attempt. Written shards are reused by the retry.
+            with self._lock:
+                if self._pool is pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._start()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ShardPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

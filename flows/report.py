@@ -1,0 +1,31 @@
+"""The summary table printed at the end of `python -m flows build-shards` (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("split", "samples", "shards", "bytes", "quarantined", "reused", "seconds", "images_per_sec")
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key == "bytes":
+        return f"{value / 1e6:,.1f} MB"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_summary(result: dict, console: Console | None = None) -> None:
+    """Print the flow's per-split rows as a table, then the output location."""
+    console = console or Console()
+    title = f"build-shards {result['dataset']}" + (" (already complete: nothing written)" if result["complete_before"] else "")
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c.replace("_", " "), justify="left" if c == "split" else "right")
+    for row in result["rows"]:
+        table.add_row(*(_cell(c, row.get(c)) for c in COLUMNS))
+    console.print(table)
+    console.print(f"output: {result['output']}")

@@ -1,0 +1,57 @@
+"""loaders: read shardline shards into batches for training (DESIGN.md section 6).
+
+    from loaders import make_loader
+
+    loader = make_loader("/ssd/imagenet-train-{000..146}.tar", batch_size=256, train=True,
+                         device="cuda", rank=rank, world_size=world, seed=0)
+    loader.num_classes, loader.classes      # from manifest.json (None when there is none)
+    for epoch in range(start_epoch, 90):
+        loader.set_epoch(epoch)
+        for images, labels in loader:       # images N x 3 x H x W float, labels int64, on `device`
+            ...
+        state = loader.state_dict()          # save with the checkpoint, any time mid-epoch
+
+    # validation: padding samples are flagged so metrics can leave them out
+    val = make_loader("/ssd/imagenet/", split="val", batch_size=256, train=False, device="cuda",
+                      rank=rank, world_size=world)
+    for images, labels, valid in val.with_valid():   # valid: bool tensor [N] on `device`
+        correct += (model(images).argmax(1) == labels)[valid].sum()
+        seen += valid.sum()
+
+Contract (the trainer can rely on every point):
+
+- len(loader) is the number of batches this rank yields in one epoch; it is the same on every
+  rank, whatever the shard sizes, so no rank waits at a collective on another.
+- Every batch has exactly `batch_size` rows. Each epoch the loader takes one global order of all
+  samples from (seed, epoch) (shards in a permuted order, samples permuted inside each shard;
+  the shards are already shuffled across the whole split when written) and gives rank r the
+  r-th of `world_size` near-equal contiguous parts.
+  * drop_last=True (default for train=True): each rank gets floor(N / world_size / batch_size)
+    batches; the few samples left over differ from epoch to epoch. No padding.
+  * drop_last=False (default for train=False): together the ranks read every sample exactly
+    once per epoch; each rank's part is padded to len(loader) * batch_size by repeating its own
+    samples. Padding rows always come last (at the end of the epoch); `with_valid()` yields a
+    third element, a bool tensor that is False on padding rows, and `loader.num_valid` is the
+    number of real samples this rank yields this epoch.
+- set_epoch(e) selects epoch e's order (deterministic in (seed, e), same on every backend).
+  Call it before each epoch; without a call the loader repeats the current epoch.
+- state_dict() -> {"epoch", "batches", ...}: the epoch and how many batches of it were yielded.
+  load_state_dict(state) makes the next iteration start at exactly the next batch of that epoch
+  (samples before it are skipped in the sample list, not decoded). set_epoch(state["epoch"])
+  after load_state_dict keeps that position; set_epoch of another epoch starts it from batch 0.
+  A checkpoint taken on world_size W resumes only on world_size W (checked).
+- train=True: random-resized-crop (area 0.08..1, ratio 3/4..4/3) to image_size + horizontal flip;
+  train=False: resize shorter side to int(image_size / 0.875), center crop image_size.
+  Normalized with the ImageNet mean/std; dtype torch.float32 / float16 / bfloat16;
+  channels_last=True gives channels-last memory format (shape stays N x 3 x H x W).
+- An image that cannot be decoded raises loaders.DecodeError naming the shard and sample key.
+
+Backends: "dali" (NVIDIA DALI: nvJPEG / hardware decoder on device="cuda", the same graph on CPU
+operators otherwise), "pytorch" (index-based reads + torchvision.transforms.v2 in DataLoader
+workers), "auto" (dali when it imports, else pytorch). See loaders/dali.py and
+loaders/pytorch.py for the knobs each has.
+"""
+
+from loaders.api import DecodeError, Loader, make_loader
+
+__all__ = ["DecodeError", "Loader", "make_loader"]

@@ -1,0 +1,266 @@
+"""make_loader() and the Loader every backend sits behind (contract: loaders/__init__.py)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from loaders.sharding import EpochPlan, num_batches, plan_epoch
+from loaders.spec import Shard, open_binary, open_shards
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_RATIO = 0.875  # eval: resize shorter side to image_size / 0.875, center crop image_size
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DecodeError(RuntimeError):
+    """An image in a shard could not be decoded; the message names the shard and the key."""
+
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None) -> None:
+        # One-argument form: DataLoader re-raises a worker's exception as type(e)(message).
+        msg = shard if key is None else f"cannot decode sample {key!r} in shard {shard}: {reason}"
+        super().__init__(msg)
+        self.shard, self.key, self.reason = shard, key, reason
+
+
+class Backend(Protocol):
+    """Turns an epoch plan into batches. `epoch` seeds the augmentations."""
+
+    name: str
+
+    def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+def read_image_bytes(shard: Shard, sample: int) -> bytes:
+    idx = shard.index()
+    with open_binary(shard.url) as f:
+        f.seek(int(idx.image_offset[sample]))
+        return f.read(int(idx.image_size[sample]))
+
+
+def find_undecodable(shards: list[Shard], plan: EpochPlan) -> DecodeError | None:
+    """Decode the plan's rows with PIL until one fails (used to name the sample after a DALI error)."""
+    from PIL import Image
+
+    seen = set()
+    for s, i in zip(plan.shard.tolist(), plan.sample.tolist(), strict=True):
+        if (s, i) in seen:
+            continue
+        seen.add((s, i))
+        try:
+            with Image.open(io.BytesIO(read_image_bytes(shards[s], i))) as im:
+                im.load()
+        except Exception as e:
+            return DecodeError(shards[s].url, shards[s].key(i), f"{type(e).__name__}: {e}")
+    return None
+
+
+class Loader:
+    """Batches of (images, labels) for one rank; see the package docstring for the contract."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        manifest: dict | None,
+        backend: Backend,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        rank: int,
+        world_size: int,
+        seed: int,
+        drop_last: bool,
+    ) -> None:
+        self.shards, self.manifest, self.backend = shards, manifest, backend
+        self.batch_size, self.train, self.device = batch_size, train, device
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.counts = [s.samples for s in shards]
+        self.num_samples = sum(self.counts)  # in the whole split, all ranks together
+        self._len = num_batches(self.num_samples, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
+        if self._len == 0:
+            plan_epoch(self.counts, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=0,
+                       drop_last=drop_last)  # raises the explanatory error
+        self.epoch = 0
+        self._done = 0  # batches of self.epoch yielded (or skipped by a resume)
+
+    # -- what the trainer reads -------------------------------------------------------------
+    @property
+    def classes(self) -> list[dict] | None:
+        return self.manifest["classes"] if self.manifest else None
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.manifest["classes"]) if self.manifest else None
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def __len__(self) -> int:
+        return self._len
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """This rank's rows for an epoch (default: the current one), from batch 0."""
+        return plan_epoch(
+            self.counts,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch if epoch is None else epoch,
+            drop_last=self.drop_last,
+        )
+
+    @property
+    def num_valid(self) -> int:
+        """Real (not padding) samples this rank yields in the current epoch."""
+        return int(self.plan().valid.sum())
+
+    # -- epochs and resume ----------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._done = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batches": self._done,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "world_size", "batch_size", "num_samples"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: cannot resume")
+        if not 0 <= state["batches"] <= self._len:
+            raise ValueError(f"loader state has batches={state['batches']}, outside 0..{self._len}")
+        self.epoch, self._done = int(state["epoch"]), int(state["batches"])
+
+    # -- iteration --------------------------------------------------------------------------------
+    def with_valid(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Like iterating the loader, with a third element: a bool tensor [N], False on padding rows."""
+        plan = self.plan().from_batch(self._done)
+        valid = torch.from_numpy(plan.valid)
+        start = self._done
+        for b, (images, labels) in enumerate(self.backend.batches(plan, self.epoch)):
+            self._done = start + b + 1
+            mask = valid[b * self.batch_size : (b + 1) * self.batch_size].to(self.device, non_blocking=True)
+            yield images, labels, mask
+        if self._done >= self._len:
+            self._done = 0  # a finished epoch: iterating again (no set_epoch) repeats it
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.with_valid():
+            yield images, labels
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _pick_backend(backend: str) -> str:
+    if backend != "auto":
+        if backend not in ("dali", "pytorch"):
+            raise ValueError(f"unknown backend {backend!r}: use dali, pytorch or auto")
+        return backend
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "pytorch"
+    return "dali"
+
+
+def make_loader(
+    shards,
+    *,
+    batch_size: int,
+    train: bool,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: int | None = None,
+    image_size: int = 224,
+    dtype: str | torch.dtype = torch.float32,
+    channels_last: bool = False,
+    drop_last: bool | None = None,
+    split: str | None = None,
+    options: dict | None = None,
+) -> Loader:
+    """Build a Loader over SPEC `shards` (brace pattern, list, folder with manifest.json, s3:// URLs).
+
+    batch_size: per rank. train: augmentation (random-resized-crop + flip) vs eval (resize, center
+    crop). backend: "dali", "pytorch" or "auto". device: where batches land ("cpu", "cuda",
+    "cuda:N"); the dali backend decodes on the GPU (nvJPEG, hardware decoder) when it is a CUDA
+    device. rank/world_size: this process's part (see the package docstring). seed: order and
+    augmentation seed. workers: DALI CPU threads / DataLoader worker processes (default: from
+    the machine). dtype: float32, float16 or bfloat16. channels_last: channels-last memory
+    format. drop_last: default True for train, False for eval (pad and flag). split: which split
+    of a folder-with-manifest SPEC (default "train" if train else "val"). options: backend knobs
+    (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions field names).
+    """
+    dev = torch.device(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype}")
+    if batch_size < 1 or world_size < 1 or image_size < 1:
+        raise ValueError("batch_size, world_size and image_size must be positive")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+    split = split or ("train" if train else "val")
+    shard_list, manifest = open_shards(shards, split=split)
+    drop_last = train if drop_last is None else drop_last
+    name = _pick_backend(backend)
+    common = dict(
+        shards=shard_list,
+        batch_size=batch_size,
+        train=train,
+        device=dev,
+        seed=seed,
+        rank=rank,
+        workers=workers,
+        image_size=image_size,
+        dtype=dtype,
+        channels_last=channels_last,
+        options=options or {},
+    )
+    if name == "dali":
+        from loaders.dali import DaliBackend
+
+        impl: Backend = DaliBackend(**common)
+    else:
+        from loaders.pytorch import TorchBackend
+
+        impl = TorchBackend(**common)
+    return Loader(
+        shard_list,
+        manifest,
+        impl,
+        batch_size=batch_size,
+        train=train,
+        device=dev,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        drop_last=drop_last,
+    )

@@ -1,0 +1,274 @@
+"""`python -m loaders.bench`: the loader backends side by side with torchvision's ImageFolder baseline.
+
+Each measurement runs in its own spawned process (so host memory and CPU time belong to one
+loader only): iterate for --warmup seconds, then count images for --seconds. Reported per
+backend: images/s, batch latency p50/p99 (time between consecutive batches reaching the
+consumer), CPU use (CPU seconds of the process and its worker processes per wall second: 2.0
+means two cores busy) and peak host memory (RSS summed over the process tree, sampled every
+0.2 s; shared pages count once per process, so PSS is also given).
+The baseline: torchvision.datasets.ImageFolder + DataLoader (RandomResizedCrop, RandomHorizontalFlip,
+ToTensor, Normalize; same batch size, workers and device) over the same JPEGs extracted from
+the shards to a temporary folder. --synthetic adds the ceiling with no reading and no decoding:
+a batch made once, normalized and handed over each step.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import psutil
+
+from loaders.spec import open_shards
+
+BACKENDS = ("dali", "pytorch")
+
+
+class TreeMonitor:
+    """CPU seconds and peak memory of this process and its children, sampled in a thread."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+        self.peak_rss = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tree(self) -> list[psutil.Process]:
+        return [self.proc, *self.proc.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            rss = pss = 0
+            for p in self._tree():
+                try:
+                    m = p.memory_full_info()
+                    rss, pss = rss + m.rss, pss + m.pss
+                except psutil.Error:
+                    pass
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    def __enter__(self) -> TreeMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def batches_forever(kind: str, cfg: dict):
+    """Endless (images, labels) batches of one loader kind."""
+    import torch
+
+    device = torch.device(cfg["device"])
+    if kind in BACKENDS:
+        from loaders import make_loader
+
+        loader = make_loader(cfg["shards"], batch_size=cfg["batch_size"], train=not cfg["eval"], backend=kind,
+                             device=device, workers=cfg["workers"], image_size=cfg["image_size"], split=cfg["split"],
+                             dtype=cfg["dtype"])
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+    elif kind == "imagefolder":
+        from torch.utils.data import DataLoader
+        from torchvision import datasets, transforms
+
+        from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+
+        size = cfg["image_size"]
+        if cfg["eval"]:
+            crop = [transforms.Resize(int(size / EVAL_CROP_RATIO)), transforms.CenterCrop(size)]
+        else:
+            crop = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+        tf = transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        ds = datasets.ImageFolder(cfg["imagefolder"], transform=tf)
+        dl = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=not cfg["eval"], num_workers=cfg["workers"],
+                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg["workers"] > 0)
+        while True:
+            for images, labels in dl:
+                yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    elif kind == "synthetic":
+        from loaders.pytorch import normalize
+
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+        s = cfg["image_size"]
+        raw = torch.randint(0, 256, (cfg["batch_size"], s, s, 3), dtype=torch.uint8, device=device)
+        labels = torch.zeros(cfg["batch_size"], dtype=torch.int64, device=device)
+        while True:
+            yield normalize(raw, dtype, False), labels
+    else:
+        raise ValueError(kind)
+
+
+def measure(kind: str, cfg: dict, queue) -> None:
+    try:
+        import torch
+
+        cuda = cfg["device"].startswith("cuda")
+        it = batches_forever(kind, cfg)
+        with TreeMonitor() as mon:
+            start = time.perf_counter()
+            while time.perf_counter() - start < cfg["warmup"]:
+                next(it)
+            if cuda:
+                torch.cuda.synchronize()
+            cpu0, t0 = mon.cpu_seconds(), time.perf_counter()
+            last, lat, images = t0, [], 0
+            while last - t0 < cfg["seconds"]:
+                x, _ = next(it)
+                if cuda:
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                lat.append(now - last)
+                last, images = now, images + x.shape[0]
+            wall, cpu = last - t0, mon.cpu_seconds() - cpu0
+        queue.put({
+            "backend": kind,
+            "device": cfg["device"],
+            "images_per_sec": round(images / wall, 1),
+            "batch_ms_p50": round(float(np.percentile(lat, 50)) * 1e3, 2),
+            "batch_ms_p99": round(float(np.percentile(lat, 99)) * 1e3, 2),
+            "cpu_cores_used": round(cpu / wall, 2),
+            "peak_rss_mb": round(mon.peak_rss / 2**20),
+            "peak_pss_mb": round(mon.peak_pss / 2**20),
+            "images": images,
+            "seconds": round(wall, 2),
+            "batch_size": cfg["batch_size"],
+            "workers": cfg["workers"],
+            "image_size": cfg["image_size"],
+        })
+    except BaseException as e:
+        queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        queue.close()
+        queue.join_thread()  # the result is flushed to the parent...
+        os._exit(0)  # ...then exit without waiting for loader threads and workers to wind down
+
+
+def run_one(kind: str, cfg: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=measure, args=(kind, cfg, q))
+    p.start()
+    try:
+        result = q.get(timeout=cfg["warmup"] + cfg["seconds"] + 600)
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return result
+
+
+def print_table(results: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    base = next((r["images_per_sec"] for r in results if r["backend"] == "imagefolder" and "error" not in r), None)
+    table = Table(title=title)
+    for col in ("backend", "device", "images/s", "vs ImageFolder", "batch p50 ms", "batch p99 ms", "CPU cores",
+                "peak RSS MB", "peak PSS MB"):
+        table.add_column(col, justify="left" if col in ("backend", "device") else "right")
+    for r in results:
+        if "error" in r:
+            table.add_row(r["backend"], r["device"], f"[red]{r['error']}[/red]", *[""] * 6)
+            continue
+        ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "-"
+        table.add_row(r["backend"], r["device"], f"{r['images_per_sec']:.0f}", ratio, f"{r['batch_ms_p50']:.1f}",
+                      f"{r['batch_ms_p99']:.1f}", f"{r['cpu_cores_used']:.2f}", str(r["peak_rss_mb"]),
+                      str(r["peak_pss_mb"]))
+    Console(stderr=False).print(table)
+
+
+def split_backends(values: tuple[str, ...]) -> list[str]:
+    out = [b.strip() for v in values for b in v.split(",") if b.strip()]
+    for b in out:
+        if b not in BACKENDS:
+            raise click.BadParameter(f"{b!r}: use dali or pytorch", param_hint="--backend")
+    return out or list(BACKENDS)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--shards", "spec", required=True,
+              help="SPEC of the shards to read: brace pattern, folder with manifest.json, or s3:// URLs.")
+@click.option("--split", default="train", show_default=True, help="Split to read when SPEC is a folder with a manifest.")
+@click.option("--backend", "backends", multiple=True,
+              help="Loader backend to measure: dali or pytorch; repeat or comma-separate. Default: both.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where batches land (and, for dali, where JPEGs are decoded). Default: cuda if available, else cpu.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per batch.")
+@click.option("--workers", default=2, show_default=True,
+              help="DataLoader worker processes (pytorch, ImageFolder) and DALI CPU threads.")
+@click.option("--seconds", default=20.0, show_default=True, help="Length of the measured steady state, per backend.")
+@click.option("--warmup", default=5.0, show_default=True, help="Seconds of warm-up before measuring, per backend.")
+@click.option("--image-size", default=224, show_default=True, help="Output side in pixels.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Output dtype of the images.")
+@click.option("--eval", "eval_", is_flag=True, help="Measure the eval transform (resize + center crop), not train.")
+@click.option("--synthetic", is_flag=True, help="Also measure the ceiling: no reading, no decoding.")
+@click.option("--no-baseline", is_flag=True, help="Skip the ImageFolder baseline (and its extraction).")
+@click.option("--build-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of photos (n<wnid>_*.JPEG): build --shards (a folder) from them first if it has no manifest.")
+@click.option("--copies", default=10, show_default=True, help="With --build-from: times each photo is repeated.")
+@click.option("--shard-samples", default=128, show_default=True, help="With --build-from: samples per shard.")
+@click.option("--json", "as_json", is_flag=True, help='End the output with one line {"results": [...]}.')
+def main(spec, split, backends, device, batch_size, workers, seconds, warmup, image_size, dtype, eval_, synthetic,
+         no_baseline, build_from, copies, shard_samples, as_json) -> None:
+    """Measure loader throughput: the chosen backends, the ImageFolder baseline, optionally the synthetic ceiling."""
+    import torch
+
+    from loaders.bench_data import build_bench_shards, extract_imagefolder
+
+    kinds = split_backends(backends)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if build_from and not (Path(spec) / "manifest.json").exists():
+        build_bench_shards(build_from, spec, copies, shard_samples)
+    shards, _ = open_shards(spec, split=split)
+    cfg = dict(shards=spec, split=split, device=device, batch_size=batch_size, workers=workers, seconds=seconds,
+               warmup=warmup, image_size=image_size, dtype=dtype, eval=eval_)
+    tmp = None
+    if not no_baseline:
+        tmp = tempfile.mkdtemp(prefix="shardline-imagefolder-")
+        extract_imagefolder(spec, split, tmp)
+        cfg["imagefolder"] = tmp
+        kinds.append("imagefolder")
+    if synthetic:
+        kinds.append("synthetic")
+    results = []
+    try:
+        for kind in kinds:
+            click.echo(f"measuring {kind} on {device}: {warmup:g}s warm-up + {seconds:g}s ...", err=True)
+            results.append(run_one(kind, cfg))
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    n = sum(s.samples for s in shards)
+    print_table(results, f"{'eval' if eval_ else 'train'} {image_size}px, batch {batch_size}, {workers} workers, "
+                         f"{n} samples in {len(shards)} shards, {os.cpu_count()} CPUs")
+    if as_json:
+        click.echo(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The DALI backend: fn.readers.webdataset -> decoders -> resize -> crop_mirror_normalize.
+
+One graph, two placements: on a CUDA device the decoder runs "mixed" (nvJPEG, and the
+hardware JPEG decoder for `hw_decoder_load` of the images where the GPU has one) and every
+later operator on the GPU; without one the same operators run on CPU threads
+(pipeline device_id=None), which is also what CI exercises.
+
+How the contract's sample order gets into DALI without Python in the per-sample path: the
+reader's own sharding (shard_id/num_shards) hands each rank a contiguous slice of unequal
+size and its shuffling is a local buffer, so neither equal per-rank epochs, nor a
+(seed, epoch) order, nor an exact mid-epoch resume come from it. Instead, before each epoch,
+the plan (loaders/sharding.py) is turned into per-epoch sub-indexes: for each run of rows
+that read the same shard, a v1.2 index file listing exactly those samples, in plan order
+(padding rows are simply listed again), with the offsets copied from the index written
+beside the tar. fn.readers.webdataset then reads (paths = the tars of the runs, index_paths =
+those files, random_shuffle=False) precisely this rank's rows for the epoch; decoding,
+augmentation and the binary int64 label all stay in DALI's C++ threads. A resume writes the
+sub-indexes from the resumed batch on, so skipped samples are never read or decoded. The
+pipeline is rebuilt each epoch (milliseconds on CPU; the GPU decoder's memory hints keep
+the rebuild cheap there too) and the old one released, so host memory stays flat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError, find_undecodable
+from loaders.sharding import EpochPlan
+from loaders.spec import IMAGE_EXTS, Shard, is_url
+
+READER = "reader"
+
+
+@dataclass
+class DaliOptions:
+    num_threads: int = 2  # CPU worker threads of the pipeline
+    prefetch_queue_depth: int = 2  # batches prepared ahead
+    hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
+    use_fast_idct: bool = True  # train, CPU: libjpeg-turbo's fast integer IDCT (up to 14% faster)
+    antialias: bool = False  # train resize: crops are already near the output size; eval always antialiases
+    # nvJPEG / pinned buffer hints (NVIDIA's ResNet-50 DALI recipe): avoid reallocations on big images.
+    device_memory_padding: int = 211025920
+    host_memory_padding: int = 140544512
+    preallocate_width_hint: int = 5980
+    preallocate_height_hint: int = 6430
+
+    @classmethod
+    def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> DaliOptions:
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown dali backend options {sorted(unknown)}")
+        cores = len(os.sched_getaffinity(0))
+        if device.type == "cuda":
+            # GPU decoding leaves the CPU threads little to do; share the cores between local GPUs.
+            threads = max(2, min(8, cores // max(1, torch.cuda.device_count())))
+            o = cls(num_threads=threads, prefetch_queue_depth=3)
+        else:
+            o = cls(num_threads=cores, prefetch_queue_depth=2)
+        if workers is not None:
+            o.num_threads = workers
+        for k, v in options.items():
+            setattr(o, k, v)
+        return o
+
+
+def eval_resize(jpegs, images, image_size: int):
+    """torchvision's Resize(int(size / 0.875)) + CenterCrop(size) sizes and offsets, to the pixel.
+
+    resize_shorter alone rounds the longer side and DALI's center crop rounds half-pixel
+    offsets differently from torchvision, shifting eval images by a pixel; so the sizes and
+    crop anchors are computed per sample from the JPEG header (CPU, before decoding).
+    """
+    r = int(image_size / EVAL_CROP_RATIO)
+    shape = fn.peek_image_shape(jpegs, dtype=types.INT32)
+    h, w = shape[0], shape[1]
+    short = dmath.min(h, w)
+    new_h, new_w = (r * h) // short, (r * w) // short  # shorter side -> r, longer -> int(r * long / short)
+    as_float = dict(dtype=types.FLOAT)
+    images = fn.resize(images, resize_x=fn.cast(new_w, **as_float), resize_y=fn.cast(new_h, **as_float), interp_type=types.INTERP_LINEAR, antialias=True)
+
+    def pos(extent):  # torchvision: anchor = int(round(diff / 2)), Python's round half to even
+        diff = extent - image_size
+        k = diff // 2
+        anchor = k + (diff - 2 * k) * (k - 2 * (k // 2))
+        return (anchor + 0.25) / dmath.max(diff, 1)  # +0.25: DALI's own rounding lands on `anchor`
+
+    return images, {"crop_pos_x": pos(new_w), "crop_pos_y": pos(new_h)}
+
+
+@pipeline_def
+def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions):
+    jpegs, labels = fn.readers.webdataset(
+        paths=paths,
+        index_paths=index_paths,
+        ext=[";".join(IMAGE_EXTS), "label"],
+        dtypes=[types.UINT8, types.INT64],
+        missing_component_behavior="error",
+        random_shuffle=False,  # the order is the plan's
+        name=READER,
+    )
+    decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
+    if gpu:
+        decoder.update(
+            hw_decoder_load=opts.hw_decoder_load,
+            device_memory_padding=opts.device_memory_padding,
+            host_memory_padding=opts.host_memory_padding,
+            preallocate_width_hint=opts.preallocate_width_hint,
+            preallocate_height_hint=opts.preallocate_height_hint,
+        )
+    elif train:
+        decoder.update(use_fast_idct=opts.use_fast_idct)  # eval keeps the accurate IDCT: reference pixels
+    crop_pos = {}
+    if train:
+        # On CPU this decodes only the crop's region of the JPEG.
+        images = fn.decoders.image_random_crop(
+            jpegs, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder
+        )
+        images = fn.resize(
+            images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=opts.antialias
+        )
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, **decoder)
+        images, crop_pos = eval_resize(jpegs, images, image_size)
+        mirror = 0
+    images = fn.crop_mirror_normalize(
+        images,
+        dtype=out_dtype,
+        output_layout=layout,
+        crop=(image_size, image_size),
+        **crop_pos,
+        mean=[m * 255 for m in IMAGENET_MEAN],
+        std=[s * 255 for s in IMAGENET_STD],
+        mirror=mirror,
+    )
+    if gpu:
+        labels = labels.gpu()
+    return images, labels
+
+
+TORCH_OF = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
+
+
+def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    t = tensor_list.as_tensor()
+    out = torch.empty(t.shape(), dtype=TORCH_OF[t.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    feed_ndarray(t, out, cuda_stream=stream)
+    return out
+
+
+class DaliBackend:
+    name = "dali"
+
+    def __init__(
+        self,
+        *,
+        shards: list[Shard],
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        workers: int | None,
+        image_size: int,
+        dtype: torch.dtype,
+        channels_last: bool,
+        options: dict,
+    ) -> None:
+        self.shards, self.batch_size, self.train, self.device = shards, batch_size, train, device
+        self.seed, self.rank, self.image_size = seed, rank, image_size
+        self.dtype, self.channels_last = dtype, channels_last
+        self.gpu = device.type == "cuda"
+        if self.gpu:
+            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", self.device_id)
+        self.opts = DaliOptions.from_machine(device, workers, options)
+        self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
+
+    def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
+        """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
+        for name in os.listdir(self._tmp):
+            os.remove(os.path.join(self._tmp, name))
+        paths, index_paths = [], []
+        cut = np.flatnonzero(np.diff(plan.shard)) + 1
+        for j, (shard_rows, sample_rows) in enumerate(zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)):
+            shard = self.shards[int(shard_rows[0])]
+            idx = shard.index()
+            lines = [f"v1.2 {len(sample_rows)}"]
+            for i in sample_rows.tolist():
+                ext = IMAGE_EXTS[idx.image_ext[i]]
+                lines.append(f"{ext} {idx.image_offset[i]} {idx.image_size[i]} s{i}.{ext} label {idx.label_offset[i]} 8 s{i}.label")
+            path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
+            index_paths.append(path)
+        return paths, index_paths
+
+    def build(self, plan: EpochPlan, epoch: int):
+        paths, index_paths = self.write_subindexes(plan, epoch)
+        half = self.dtype == torch.float16
+        pipe = image_pipeline(
+            paths,
+            index_paths,
+            train=self.train,
+            image_size=self.image_size,
+            gpu=self.gpu,
+            out_dtype=types.FLOAT16 if half else types.FLOAT,
+            layout="HWC" if self.channels_last else "CHW",
+            opts=self.opts,
+            batch_size=self.batch_size,
+            num_threads=self.opts.num_threads,
+            device_id=self.device_id if self.gpu else None,
+            prefetch_queue_depth=self.opts.prefetch_queue_depth,
+            seed=hash((self.seed, epoch, self.rank)) & 0x7FFFFFFF,
+        )
+        pipe.build()
+        return pipe
+
+    def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if plan.batches == 0:
+            return
+        pipe = self.build(plan, epoch)
+        try:
+            for b in range(plan.batches):
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as e:
+                    # DALI names neither sample nor key: find it among the batches in flight.
+                    ahead = plan.from_batch(b)
+                    ahead = EpochPlan(*(a[: (self.opts.prefetch_queue_depth + 1) * self.batch_size]
+                                        for a in (ahead.shard, ahead.sample, ahead.valid)), self.batch_size)
+                    err = find_undecodable(self.shards, ahead)
+                    if err is not None:
+                        raise err from e
+                    names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
+                    raise RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}") from e
+                x = to_torch(images, self.device)
+                if self.channels_last:
+                    x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels-last memory format
+                if self.dtype == torch.bfloat16:
+                    x = x.to(torch.bfloat16)
+                yield x, to_torch(labels, self.device).view(-1)
+        finally:
+            del pipe
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._tmp)

@@ -1,0 +1,245 @@
+"""The build-shards flow run in-process against a real (temporary) Prefect server.
+
+Checks what a user relies on: a complete, verified shard set; the summary table and progress
+artifacts with the right numbers; a rerun that reuses everything; resume from shards a dead
+run left; quarantine counts; a retried transient read error; and CLI options rejected in one
+line before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import PHOTOS, PhotoSource
+from prefect.client.orchestration import get_client
+
+import flows.build_shards as fb
+from flows.build_shards import PROGRESS_KEY, SUMMARY_KEY, build_shards
+from flows.cli import main
+from flows.params import default_image_ext, make_options, source_kwargs
+from shards.build import prepare, write_shard
+from shards.manifest import read_manifest
+from shards.sources import open_source
+from shards.storage import TMP_MARK, Storage
+from shards.types import Item
+from shards.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small demo set: 80 train and 30 val images of 48 px, 25 per shard -> 4 + 2 uneven shards.
+DEMO = {"dataset": "demo", "shard_samples": 25, "train_per_class": 8, "val_per_class": 3, "demo_size": 48}
+
+
+def run(**kw):
+    """Run the flow; returns (result dict, flow run id)."""
+    state = build_shards(**kw, return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def artifact(flow_run_id, key: str) -> dict:
+    # The REST filter directly: the sync client's read_artifacts sends unset options as null,
+    # which the server rejects, and its empty run filters match nothing.
+    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}, "key": {"any_": [key]}}, "limit": 10}
+    found = get_client(sync_client=True).request("POST", "/artifacts/filter", json=body).json()
+    assert len(found) == 1, f"expected one {key} artifact, found {len(found)}"
+    return found[0]
+
+
+def table(flow_run_id) -> list[dict]:
+    data = artifact(flow_run_id, SUMMARY_KEY)["data"]
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def first_build(prefect_harness, tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "demo"
+    result, run_id = run(output=str(out), workers=2, **DEMO)  # workers=2: the process-pool path
+    return out, result, run_id
+
+
+def test_flow_builds_a_complete_verified_set(first_build):
+    out, result, _ = first_build
+    m = read_manifest(str(out))
+    assert result["output"] == str(out) and not result["complete_before"]
+    assert m["dataset"] == "demo" and m["image_ext"] == "jpg"
+    assert m["splits"]["train"]["samples"] == 80 and m["splits"]["val"]["samples"] == 30
+    assert m["splits"]["train"]["pattern"] == "demo-train-{000..003}.tar"
+    assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [25, 25, 25, 5]
+    assert m["params"]["shard_samples"] == 25 and m["params"]["train_per_class"] == 8
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == [
+        *(f"demo-train-00{i}.tar" for i in range(4)), "demo-val-000.tar", "demo-val-001.tar"
+    ]
+    assert not (out / "_progress").exists()
+    checks = verify(str(out), decode=True)
+    assert len(checks) == 6 and all(not c.problems for c in checks), [c.problems for c in checks]
+
+
+def test_summary_table_and_progress_artifacts(first_build):
+    out, result, run_id = first_build
+    m = read_manifest(str(out))
+    rows = {r["split"]: r for r in table(run_id)}
+    assert rows.keys() == {"train", "val"}
+    for split, entry in m["splits"].items():
+        r = rows[split]
+        assert r["samples"] == entry["samples"]
+        assert r["shards"] == len(entry["shards"])
+        assert r["bytes"] == sum(s["bytes"] for s in entry["shards"])
+        assert r["quarantined"] == 0 and r["reused"] == 0
+        assert r["seconds"] > 0 and r["images_per_sec"] > 0
+    assert result["rows"] == table(run_id)
+    assert artifact(run_id, PROGRESS_KEY)["data"] == 100.0
+
+
+def test_rerun_is_a_no_op(first_build):
+    out, _, _ = first_build
+    before, manifest = mtimes(out), (out / "manifest.json").read_bytes()
+    result, run_id = run(output=str(out), workers=2, **DEMO)
+    assert result["complete_before"]
+    assert mtimes(out) == before and (out / "manifest.json").read_bytes() == manifest
+    rows = table(run_id)
+    assert [(r["split"], r["shards"], r["reused"], r["samples"]) for r in rows] == [
+        ("train", 4, 4, 80), ("val", 2, 2, 30)
+    ]  # fmt: skip
+
+
+def test_rerun_with_other_parameters_fails_without_touching_the_set(first_build):
+    out, _, _ = first_build
+    before = mtimes(out)
+    state = build_shards(output=str(out), workers=1, **(DEMO | {"shard_samples": 30}), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="already holds a finished demo set"):
+        state.result()
+    assert mtimes(out) == before
+
+
+def test_resume_reuses_shards_a_dead_run_published(first_build, tmp_path):
+    """Shards published before a crash are kept; leftovers are cleaned; the result equals a clean build."""
+    clean = read_manifest(str(first_build[0]))
+    out = tmp_path / "resumed"
+    # What a killed run leaves: two shards published with their progress records, a half-written file.
+    kw = source_kwargs("demo", seed=0, md5=None, check_md5=False, val_fraction=None, image_ext="jpg",
+                       jpeg_quality=95, train_per_class=8, val_per_class=3, demo_size=48)  # fmt: skip
+    options = make_options("demo", seed=0, shard_size=None, shard_samples=25, verify="decode", max_side=None,
+                           image_ext=default_image_ext("demo", None), jpeg_quality=95, source_kw=kw)  # fmt: skip
+    source = open_source("demo", None, **kw)
+    plan = prepare(source, options)
+    storage = Storage(out)
+    storage.makedirs()
+    for spec in plan.shards[:2]:
+        write_shard(source, spec, storage, options, plan.params)
+    (out / f".demo-train-002.tar{TMP_MARK}dead").write_bytes(b"half a shard")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+
+    result, _ = run(output=str(out), workers=1, **DEMO)
+    assert sum(r["reused"] for r in result["rows"]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in kept} == kept
+    assert not [p for p in out.iterdir() if TMP_MARK in p.name]
+    resumed = read_manifest(str(out))
+    assert resumed["splits"] == clean["splits"]  # same names, sizes and sha256: byte-identical shards
+
+
+class PhotosWithBadFiles(PhotoSource):
+    """The test photos plus a truncated and an empty JPEG in train, to be quarantined."""
+
+    def __init__(self, bad_dir: Path) -> None:
+        super().__init__(num_classes=4, copies=1, val_copies=1)
+        self.bad = []
+        good = PHOTOS[0].read_bytes()
+        for name, data in (("truncated", good[: len(good) // 3]), ("empty", b"")):
+            p = bad_dir / f"{name}.JPEG"
+            p.write_bytes(data)
+            self.bad.append(Item(f"bad_{name}", 0, "c0", p.name, (str(p),), len(data)))
+
+    def items(self, split: str) -> list[Item]:
+        return super().items(split) + (self.bad if split == "train" else [])
+
+
+def test_quarantined_images_are_counted_in_summary_and_manifest(prefect_harness, tmp_path, monkeypatch):
+    source = PhotosWithBadFiles(tmp_path)
+    monkeypatch.setattr(fb, "open_source", lambda *a, **k: source)
+    out = tmp_path / "photos"
+    args = {"dataset": "imagefolder", "source": str(tmp_path), "output": str(out), "shard_samples": 10, "workers": 1}
+    result, run_id = run(**args)
+    rows = {r["split"]: r for r in table(run_id)}
+    assert rows["train"]["quarantined"] == 2 and rows["val"]["quarantined"] == 0
+    assert rows["train"]["samples"] == len(PHOTOS) and rows["val"]["samples"] == len(PHOTOS)
+    m = read_manifest(str(out))
+    assert sorted(q["key"] for q in m["quarantine"]) == ["bad_empty", "bad_truncated"]
+    assert all(q["reason"] for q in m["quarantine"])
+    # A no-op rerun reports the same quarantine counts, now read back from the manifest.
+    again, _ = run(**args)
+    assert again["complete_before"] and [r["quarantined"] for r in again["rows"]] == [2, 0]
+
+
+class FlakyPhotos(PhotoSource):
+    """Fails the first read of one image with an I/O error (a network blip), then works."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(num_classes=2, copies=1, val_copies=1)
+        self.marker = marker
+
+    def read(self, item: Item) -> bytes:
+        if item.key.startswith("train_") and not self.marker.exists():
+            self.marker.write_text("failed once")
+            raise OSError("connection reset by peer")
+        return super().read(item)
+
+
+def test_a_transient_read_error_is_retried(prefect_harness, tmp_path, monkeypatch):
+    marker = tmp_path / "failed-once"
+    monkeypatch.setattr(fb, "open_source", lambda *a, **k: FlakyPhotos(marker))
+    out = tmp_path / "flaky"
+    result, _ = run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=30, workers=1)
+    assert marker.exists()  # the error did happen, and the retry got past it
+    assert read_manifest(str(out))["splits"]["train"]["samples"] == len(PHOTOS)
+    assert all(not c.problems for c in verify(str(out)))
+
+
+def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["build-shards", "--dataset", "demo", "--output", str(out), "--shard-samples", "20",
+            "--train-per-class", "2", "--val-per-class", "2", "--demo-size", "32", "--workers", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"output: {out}" in printed and "train" in printed and "val" in printed
+    assert read_manifest(str(out))["splits"]["train"]["samples"] == 20
+
+
+BAD_OPTIONS = {
+    "unknown dataset": (["--dataset", "mnist"], "--dataset 'mnist': unknown"),
+    "both sizes": (["--dataset", "demo", "--shard-size", "1GB", "--shard-samples", "10"], "exclude each other"),
+    "bad size": (["--dataset", "demo", "--shard-size", "12 parsecs"], "--shard-size '12 parsecs': not a size"),
+    "bad md5": (["--dataset", "imagenet", "--source", ".", "--md5", "ILSVRC2012_img_val.tar"], "expected NAME=HEX"),
+    "short md5": (["--dataset", "imagenet", "--source", ".", "--md5", "a.tar=abc"], "32-digit hex"),
+    "missing source": (["--dataset", "cifar10"], "--source is required for --dataset cifar10"),
+    "absent source": (["--dataset", "imagefolder", "--source", "/nonexistent/x"], "no such file or folder"),
+    "zero workers": (["--dataset", "demo", "--workers", "0"], "--workers 0: must be at least 1"),
+    "bad verify": (["--dataset", "demo", "--verify", "all"], "--verify 'all'"),
+    "demo option elsewhere": (["--dataset", "imagenet", "--source", ".", "--train-per-class", "3"], "demo only"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OPTIONS, ids=list(BAD_OPTIONS))
+def test_cli_rejects_bad_options_in_one_line(case, tmp_path):
+    args, message = BAD_OPTIONS[case]
+    out = tmp_path / "out"
+    env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
+    p = subprocess.run(
+        [sys.executable, "-m", "flows", "build-shards", *args, "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert not out.exists()

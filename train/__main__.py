@@ -1,0 +1,7 @@
+"""`python -m train` (see train/run.py, and --help)."""
+
+import sys
+
+from train.run import main
+
+sys.exit(main())

@@ -1,0 +1,108 @@
+"""One process or many under torchrun: rank, device, process group, and the few collectives.
+
+torchrun (single node or multi-node through its c10d rendezvous) sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them this is a world of one and no process
+group is created. NCCL on GPUs, gloo on CPU. Metrics are summed across ranks as float64
+tensors (sums, never averages of averages), so they are exact whatever the per-rank counts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(timeout_minutes: float = 30.0) -> Dist:
+    """Read torchrun's environment, pick the device, and join the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+        # CPU ranks on one machine share its cores: don't oversubscribe them.
+        if world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=dt.timedelta(minutes=timeout_minutes), **kw)
+    return Dist(rank, world, local_rank, local_world, device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    """Sum a few numbers over ranks (float64: counts of 1.28M images stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def any_ranks(flags: list[bool | torch.Tensor], d: Dist) -> list[bool]:
+    """For each flag: true on every rank when it is true on any rank, in one small collective.
+
+    Keeps decisions (stop on a non-finite loss, write a checkpoint now) in lockstep, so no
+    rank ever waits at a collective the others have left.
+    """
+    parts = [
+        f.detach().reshape(()).to(d.device, torch.int32)
+        if isinstance(f, torch.Tensor)
+        else torch.tensor(int(f), dtype=torch.int32, device=d.device)
+        for f in flags
+    ]
+    t = torch.stack(parts)
+    if d.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_objects(obj: object, d: Dist) -> list:
+    """Every rank's obj, in rank order, on every rank (small objects: RNG and loader states)."""
+    if not d.enabled:
+        return [obj]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, d: Dist) -> object:
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

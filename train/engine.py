@@ -1,0 +1,193 @@
+"""The loops: one training epoch (resumable at any optimizer step) and an exact evaluation.
+
+A training step = `accum_steps` forward/backward passes (DDP's gradient all-reduce only on
+the last, through no_sync), one small all-reduce of two flags (non-finite loss on any rank;
+rank 0 wants a checkpoint) so every rank takes the same decision, then clipping, the
+optimizer step, the lr schedule and the EMA. The flag check is also what keeps the last good
+checkpoint intact: a non-finite loss stops the run before the optimizer applies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from train.distributed import Dist, all_reduce_sum, any_ranks
+from train.recipe import MixupCutmix, ModelEma, WarmupCosine
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; training stopped before applying that step."""
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs that have it, fp16 (with a grad scaler) on older GPUs, none on CPU."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "none"
+
+
+@dataclass
+class EpochState:
+    """What advances inside an epoch; all of it goes into the checkpoint (per rank)."""
+
+    epoch: int = 0
+    batches: int = 0  # micro-batches of this epoch already trained on
+    global_step: int = 0  # optimizer steps since the start of the run
+    loss_sum: float = 0.0  # sum of per-sample losses over this epoch (this rank)
+    seen: int = 0  # samples trained on this epoch (this rank)
+    seconds: float = 0.0  # time in the training loop this epoch (this rank)
+    wait_seconds: float = 0.0  # of which waiting for the loader
+    lr: float = 0.0
+
+    def reset(self, epoch: int) -> None:
+        self.epoch, self.batches, self.loss_sum, self.seen, self.seconds, self.wait_seconds = epoch, 0, 0.0, 0, 0.0, 0.0
+
+
+@dataclass
+class Trainer:
+    """Everything a training step needs, built once by train.run."""
+
+    model: nn.Module  # possibly DDP- and compile-wrapped
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    criterion: nn.Module
+    dist: Dist
+    amp: str
+    accum_steps: int
+    clip_grad: float = 0.0
+    scaler: torch.amp.GradScaler | None = None
+    ema: ModelEma | None = None
+    mixing: MixupCutmix | None = None
+    channels_last: bool = False
+    raw_model: nn.Module | None = None  # unwrapped: what the EMA averages
+    on_first_batch: Callable[[torch.Tensor], None] | None = None
+    _first_logged: bool = field(default=False, repr=False)
+
+    def train_epoch(
+        self,
+        loader,
+        state: EpochState,
+        *,
+        want_checkpoint: Callable[[], bool],
+        save_checkpoint: Callable[[], None],
+        on_step: Callable[[EpochState, float, int], None] | None = None,
+    ) -> None:
+        """Train from state.batches to the end of the epoch; state is updated after every step."""
+        self.model.train()
+        n = len(loader)
+        it = iter(loader)
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        while state.batches < n:
+            t_step = time.perf_counter()
+            group = min(self.accum_steps, n - state.batches)
+            loss_total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
+            wait = 0.0
+            samples = 0
+            for i in range(group):
+                t_wait = time.perf_counter()
+                images, labels = next(it)
+                wait += time.perf_counter() - t_wait
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                targets = labels
+                if self.mixing is not None and self.mixing.enabled:
+                    images, targets = self.mixing(images, labels)
+                if not self._first_logged and self.on_first_batch is not None:
+                    self.on_first_batch(images)
+                self._first_logged = True
+                sync = self.model.no_sync() if ddp and i < group - 1 else contextlib.nullcontext()
+                with sync:
+                    with autocast(self.amp, self.dist.device):
+                        loss = self.criterion(self.model(images), targets)
+                    scaled = loss / group
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                loss = loss.detach().float()
+                nonfinite |= ~torch.isfinite(loss)
+                loss_total += loss.double() * images.shape[0]
+                samples += images.shape[0]
+
+            stop, checkpoint = any_ranks([nonfinite, want_checkpoint()], self.dist)
+            if stop:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.item()}) at epoch {state.epoch}, batch {state.batches}, step "
+                    f"{state.global_step} (lr {state.lr:.4g}): stopped before applying it"
+                )
+            state.lr = self.schedule.apply(self.optimizer, state.global_step)
+            self._optimizer_step()
+            state.global_step += 1
+            state.batches += group
+            state.seen += samples
+            state.loss_sum += loss_total.item()  # also the per-step sync that keeps timings honest
+            state.wait_seconds += wait
+            state.seconds += time.perf_counter() - t_step
+            if on_step is not None:
+                on_step(state, loss_total.item() / max(1, samples), group)
+            if checkpoint and state.batches < n:  # the epoch-end checkpoint follows anyway
+                save_checkpoint()
+
+    def _optimizer_step(self) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.scaler is not None:
+            if self.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(params, self.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.clip_grad > 0:
+                nn.utils.clip_grad_norm_(params, self.clip_grad)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.raw_model if self.raw_model is not None else self.model)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", channels_last: bool = False) -> dict:
+    """Top-1 / top-5 (percent) and mean loss over the real samples of every rank, exactly.
+
+    Per-rank sums of correct predictions, losses and sample counts (padding rows left out
+    through the loader's valid mask) are all-reduced, so the result equals a single-process
+    evaluation of the same data whatever the world size.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)
+    loader.set_epoch(0)
+    for images, labels, valid in loader.with_valid():
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, dist.device):
+            logits = model(images)
+        logits = logits.float()
+        loss = nn.functional.cross_entropy(logits, labels, reduction="none")
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == labels[:, None]
+        sums += torch.stack(
+            [
+                (hit[:, 0] & valid).sum(),
+                (hit.any(dim=1) & valid).sum(),
+                loss[valid].sum(),
+                valid.sum(),
+            ]
+        ).double()
+    model.train(was_training)
+    top1, top5, loss_sum, count = all_reduce_sum(sums.tolist(), dist)
+    count = max(count, 1.0)
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "loss": loss_sum / count, "samples": int(count)}
