@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Iterator
 from typing import Protocol
@@ -85,8 +86,15 @@ class Loader:
         self.num_samples = sum(self.counts)  # in the whole split, all ranks together
         self._len = num_batches(self.num_samples, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
         if self._len == 0:
-            plan_epoch(self.counts, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, epoch=0,
-                       drop_last=drop_last)  # raises the explanatory error
+            plan_epoch(
+                self.counts,
+                batch_size=batch_size,
+                rank=rank,
+                world_size=world_size,
+                seed=seed,
+                epoch=0,
+                drop_last=drop_last,
+            )  # raises the explanatory error
         self.epoch = 0
         self._done = 0  # batches of self.epoch yielded (or skipped by a resume)
 
@@ -142,7 +150,9 @@ class Loader:
     def load_state_dict(self, state: dict) -> None:
         for k in ("seed", "world_size", "batch_size", "num_samples"):
             if k in state and state[k] != getattr(self, k):
-                raise ValueError(f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: cannot resume")
+                raise ValueError(
+                    f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: cannot resume"
+                )
         if not 0 <= state["batches"] <= self._len:
             raise ValueError(f"loader state has batches={state['batches']}, outside 0..{self._len}")
         self.epoch, self._done = int(state["epoch"]), int(state["batches"])
@@ -168,10 +178,8 @@ class Loader:
         self.backend.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def _pick_backend(backend: str) -> str:

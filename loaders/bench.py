@@ -82,9 +82,17 @@ def batches_forever(kind: str, cfg: dict):
     if kind in BACKENDS:
         from loaders import make_loader
 
-        loader = make_loader(cfg["shards"], batch_size=cfg["batch_size"], train=not cfg["eval"], backend=kind,
-                             device=device, workers=cfg["workers"], image_size=cfg["image_size"], split=cfg["split"],
-                             dtype=cfg["dtype"])
+        loader = make_loader(
+            cfg["shards"],
+            batch_size=cfg["batch_size"],
+            train=not cfg["eval"],
+            backend=kind,
+            device=device,
+            workers=cfg["workers"],
+            image_size=cfg["image_size"],
+            split=cfg["split"],
+            dtype=cfg["dtype"],
+        )
         epoch = 0
         while True:
             loader.set_epoch(epoch)
@@ -103,8 +111,15 @@ def batches_forever(kind: str, cfg: dict):
             crop = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
         tf = transforms.Compose([*crop, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         ds = datasets.ImageFolder(cfg["imagefolder"], transform=tf)
-        dl = DataLoader(ds, batch_size=cfg["batch_size"], shuffle=not cfg["eval"], num_workers=cfg["workers"],
-                        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=cfg["workers"] > 0)
+        dl = DataLoader(
+            ds,
+            batch_size=cfg["batch_size"],
+            shuffle=not cfg["eval"],
+            num_workers=cfg["workers"],
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            persistent_workers=cfg["workers"] > 0,
+        )
         while True:
             for images, labels in dl:
                 yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -143,21 +158,23 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 lat.append(now - last)
                 last, images = now, images + x.shape[0]
             wall, cpu = last - t0, mon.cpu_seconds() - cpu0
-        queue.put({
-            "backend": kind,
-            "device": cfg["device"],
-            "images_per_sec": round(images / wall, 1),
-            "batch_ms_p50": round(float(np.percentile(lat, 50)) * 1e3, 2),
-            "batch_ms_p99": round(float(np.percentile(lat, 99)) * 1e3, 2),
-            "cpu_cores_used": round(cpu / wall, 2),
-            "peak_rss_mb": round(mon.peak_rss / 2**20),
-            "peak_pss_mb": round(mon.peak_pss / 2**20),
-            "images": images,
-            "seconds": round(wall, 2),
-            "batch_size": cfg["batch_size"],
-            "workers": cfg["workers"],
-            "image_size": cfg["image_size"],
-        })
+        queue.put(
+            {
+                "backend": kind,
+                "device": cfg["device"],
+                "images_per_sec": round(images / wall, 1),
+                "batch_ms_p50": round(float(np.percentile(lat, 50)) * 1e3, 2),
+                "batch_ms_p99": round(float(np.percentile(lat, 99)) * 1e3, 2),
+                "cpu_cores_used": round(cpu / wall, 2),
+                "peak_rss_mb": round(mon.peak_rss / 2**20),
+                "peak_pss_mb": round(mon.peak_pss / 2**20),
+                "images": images,
+                "seconds": round(wall, 2),
+                "batch_size": cfg["batch_size"],
+                "workers": cfg["workers"],
+                "image_size": cfg["image_size"],
+            }
+        )
     except BaseException as e:
         queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {e}"})
         raise
@@ -187,17 +204,34 @@ def print_table(results: list[dict], title: str) -> None:
 
     base = next((r["images_per_sec"] for r in results if r["backend"] == "imagefolder" and "error" not in r), None)
     table = Table(title=title)
-    for col in ("backend", "device", "images/s", "vs ImageFolder", "batch p50 ms", "batch p99 ms", "CPU cores",
-                "peak RSS MB", "peak PSS MB"):
+    for col in (
+        "backend",
+        "device",
+        "images/s",
+        "vs ImageFolder",
+        "batch p50 ms",
+        "batch p99 ms",
+        "CPU cores",
+        "peak RSS MB",
+        "peak PSS MB",
+    ):
         table.add_column(col, justify="left" if col in ("backend", "device") else "right")
     for r in results:
         if "error" in r:
             table.add_row(r["backend"], r["device"], f"[red]{r['error']}[/red]", *[""] * 6)
             continue
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "-"
-        table.add_row(r["backend"], r["device"], f"{r['images_per_sec']:.0f}", ratio, f"{r['batch_ms_p50']:.1f}",
-                      f"{r['batch_ms_p99']:.1f}", f"{r['cpu_cores_used']:.2f}", str(r["peak_rss_mb"]),
-                      str(r["peak_pss_mb"]))
+        table.add_row(
+            r["backend"],
+            r["device"],
+            f"{r['images_per_sec']:.0f}",
+            ratio,
+            f"{r['batch_ms_p50']:.1f}",
+            f"{r['batch_ms_p99']:.1f}",
+            f"{r['cpu_cores_used']:.2f}",
+            str(r["peak_rss_mb"]),
+            str(r["peak_pss_mb"]),
+        )
     Console(stderr=False).print(table)
 
 
@@ -210,31 +244,75 @@ def split_backends(values: tuple[str, ...]) -> list[str]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--shards", "spec", required=True,
-              help="SPEC of the shards to read: brace pattern, folder with manifest.json, or s3:// URLs.")
-@click.option("--split", default="train", show_default=True, help="Split to read when SPEC is a folder with a manifest.")
-@click.option("--backend", "backends", multiple=True,
-              help="Loader backend to measure: dali or pytorch; repeat or comma-separate. Default: both.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="Where batches land (and, for dali, where JPEGs are decoded). Default: cuda if available, else cpu.")
+@click.option(
+    "--shards",
+    "spec",
+    required=True,
+    help="SPEC of the shards to read: brace pattern, folder with manifest.json, or s3:// URLs.",
+)
+@click.option(
+    "--split", default="train", show_default=True, help="Split to read when SPEC is a folder with a manifest."
+)
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    help="Loader backend to measure: dali or pytorch; repeat or comma-separate. Default: both.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="Where batches land (and, for dali, where JPEGs are decoded). Default: cuda if available, else cpu.",
+)
 @click.option("--batch-size", default=64, show_default=True, help="Images per batch.")
-@click.option("--workers", default=2, show_default=True,
-              help="DataLoader worker processes (pytorch, ImageFolder) and DALI CPU threads.")
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    help="DataLoader worker processes (pytorch, ImageFolder) and DALI CPU threads.",
+)
 @click.option("--seconds", default=20.0, show_default=True, help="Length of the measured steady state, per backend.")
 @click.option("--warmup", default=5.0, show_default=True, help="Seconds of warm-up before measuring, per backend.")
 @click.option("--image-size", default=224, show_default=True, help="Output side in pixels.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
-              help="Output dtype of the images.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Output dtype of the images.",
+)
 @click.option("--eval", "eval_", is_flag=True, help="Measure the eval transform (resize + center crop), not train.")
 @click.option("--synthetic", is_flag=True, help="Also measure the ceiling: no reading, no decoding.")
 @click.option("--no-baseline", is_flag=True, help="Skip the ImageFolder baseline (and its extraction).")
-@click.option("--build-from", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Folder of photos (n<wnid>_*.JPEG): build --shards (a folder) from them first if it has no manifest.")
+@click.option(
+    "--build-from",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Folder of photos (n<wnid>_*.JPEG): build --shards (a folder) from them first if it has no manifest.",
+)
 @click.option("--copies", default=10, show_default=True, help="With --build-from: times each photo is repeated.")
 @click.option("--shard-samples", default=128, show_default=True, help="With --build-from: samples per shard.")
 @click.option("--json", "as_json", is_flag=True, help='End the output with one line {"results": [...]}.')
-def main(spec, split, backends, device, batch_size, workers, seconds, warmup, image_size, dtype, eval_, synthetic,
-         no_baseline, build_from, copies, shard_samples, as_json) -> None:
+def main(
+    spec,
+    split,
+    backends,
+    device,
+    batch_size,
+    workers,
+    seconds,
+    warmup,
+    image_size,
+    dtype,
+    eval_,
+    synthetic,
+    no_baseline,
+    build_from,
+    copies,
+    shard_samples,
+    as_json,
+) -> None:
     """Measure loader throughput: the chosen backends, the ImageFolder baseline, optionally the synthetic ceiling."""
     import torch
 
@@ -245,8 +323,18 @@ def main(spec, split, backends, device, batch_size, workers, seconds, warmup, im
     if build_from and not (Path(spec) / "manifest.json").exists():
         build_bench_shards(build_from, spec, copies, shard_samples)
     shards, _ = open_shards(spec, split=split)
-    cfg = dict(shards=spec, split=split, device=device, batch_size=batch_size, workers=workers, seconds=seconds,
-               warmup=warmup, image_size=image_size, dtype=dtype, eval=eval_)
+    cfg = dict(
+        shards=spec,
+        split=split,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        seconds=seconds,
+        warmup=warmup,
+        image_size=image_size,
+        dtype=dtype,
+        eval=eval_,
+    )
     tmp = None
     if not no_baseline:
         tmp = tempfile.mkdtemp(prefix="shardline-imagefolder-")
@@ -264,8 +352,11 @@ def main(spec, split, backends, device, batch_size, workers, seconds, warmup, im
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     n = sum(s.samples for s in shards)
-    print_table(results, f"{'eval' if eval_ else 'train'} {image_size}px, batch {batch_size}, {workers} workers, "
-                         f"{n} samples in {len(shards)} shards, {os.cpu_count()} CPUs")
+    print_table(
+        results,
+        f"{'eval' if eval_ else 'train'} {image_size}px, batch {batch_size}, {workers} workers, "
+        f"{n} samples in {len(shards)} shards, {os.cpu_count()} CPUs",
+    )
     if as_json:
         click.echo(json.dumps({"results": results}))
 

@@ -35,7 +35,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError, find_undecodable
+from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
 from loaders.sharding import EpochPlan
 from loaders.spec import IMAGE_EXTS, Shard, is_url
 
@@ -87,7 +87,13 @@ def eval_resize(jpegs, images, image_size: int):
     short = dmath.min(h, w)
     new_h, new_w = (r * h) // short, (r * w) // short  # shorter side -> r, longer -> int(r * long / short)
     as_float = dict(dtype=types.FLOAT)
-    images = fn.resize(images, resize_x=fn.cast(new_w, **as_float), resize_y=fn.cast(new_h, **as_float), interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.resize(
+        images,
+        resize_x=fn.cast(new_w, **as_float),
+        resize_y=fn.cast(new_h, **as_float),
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+    )
 
     def pos(extent):  # torchvision: anchor = int(round(diff / 2)), Python's round half to even
         diff = extent - image_size
@@ -194,13 +200,17 @@ class DaliBackend:
             os.remove(os.path.join(self._tmp, name))
         paths, index_paths = [], []
         cut = np.flatnonzero(np.diff(plan.shard)) + 1
-        for j, (shard_rows, sample_rows) in enumerate(zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)):
+        for j, (shard_rows, sample_rows) in enumerate(
+            zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)
+        ):
             shard = self.shards[int(shard_rows[0])]
             idx = shard.index()
             lines = [f"v1.2 {len(sample_rows)}"]
             for i in sample_rows.tolist():
                 ext = IMAGE_EXTS[idx.image_ext[i]]
-                lines.append(f"{ext} {idx.image_offset[i]} {idx.image_size[i]} s{i}.{ext} label {idx.label_offset[i]} 8 s{i}.label")
+                lines.append(
+                    f"{ext} {idx.image_offset[i]} {idx.image_size[i]} s{i}.{ext} label {idx.label_offset[i]} 8 s{i}.label"
+                )
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
                 f.write("\n".join(lines) + "\n")
@@ -240,8 +250,13 @@ class DaliBackend:
                 except RuntimeError as e:
                     # DALI names neither sample nor key: find it among the batches in flight.
                     ahead = plan.from_batch(b)
-                    ahead = EpochPlan(*(a[: (self.opts.prefetch_queue_depth + 1) * self.batch_size]
-                                        for a in (ahead.shard, ahead.sample, ahead.valid)), self.batch_size)
+                    ahead = EpochPlan(
+                        *(
+                            a[: (self.opts.prefetch_queue_depth + 1) * self.batch_size]
+                            for a in (ahead.shard, ahead.sample, ahead.valid)
+                        ),
+                        self.batch_size,
+                    )
                     err = find_undecodable(self.shards, ahead)
                     if err is not None:
                         raise err from e

@@ -113,7 +113,6 @@ class ShardRows(Dataset):
         # here, so validation accuracy is comparable with torchvision's reference evaluation.
         resize = int(self.size / EVAL_CROP_RATIO)
         width, height = im.size
-        short = min(width, height)
         w, h = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
         im = im.convert("RGB").resize((w, h), Image.BILINEAR)
         top, left = round((h - self.size) / 2.0), round((w - self.size) / 2.0)
@@ -162,7 +161,9 @@ class TorchBackend:
         self.shards, self.batch_size, self.device = shards, batch_size, device
         self.seed, self.rank, self.dtype, self.channels_last = seed, rank, dtype, channels_last
         self.opts = TorchOptions.from_machine(device, workers, options)
-        self.dataset = ShardRows([s.url for s in shards], [s.index_url for s in shards], train, image_size, self.opts.draft)
+        self.dataset = ShardRows(
+            [s.url for s in shards], [s.index_url for s in shards], train, image_size, self.opts.draft
+        )
         self.sampler = PlanBatches()
         self._loader: DataLoader | None = None
 

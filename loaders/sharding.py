@@ -40,7 +40,8 @@ class EpochPlan:
 def num_batches(total: int, *, batch_size: int, world_size: int, drop_last: bool) -> int:
     if drop_last:
         return total // world_size // batch_size
-    return -(-(-(-total // world_size)) // batch_size)
+    per_rank = -(-total // world_size)  # ceil
+    return -(-per_rank // batch_size)
 
 
 def global_order(counts: list[int], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import PHOTOS, PhotoSource, build_photo_shards
 from PIL import Image
 
 from loaders import DecodeError, make_loader
@@ -20,7 +21,6 @@ from loaders.spec import parse_index
 from shards.build import build
 from shards.manifest import ManifestError
 from shards.types import Item, Options
-from helpers import PHOTOS, PhotoSource, build_photo_shards
 
 SIZE = 64
 BACKENDS = ["dali", "pytorch"]
@@ -96,7 +96,9 @@ def test_three_ranks_equal_len_cover_every_sample_once(shard_dir, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_ranks_equal_and_disjoint_with_drop_last(shard_dir, backend):
-    loaders_ = [loader(shard_dir, backend, split="val", train=True, rank=r, world_size=3, batch_size=3) for r in range(3)]
+    loaders_ = [
+        loader(shard_dir, backend, split="val", train=True, rank=r, world_size=3, batch_size=3) for r in range(3)
+    ]
     assert [len(ld) for ld in loaders_] == [2, 2, 2]
     got = []
     for ld in loaders_:
@@ -109,7 +111,9 @@ def test_train_ranks_equal_and_disjoint_with_drop_last(shard_dir, backend):
 def test_train_uneven_shards_equal_len_any_world_size(shard_dir):
     # 48 train samples in shards of 7: every rank count gives equal len on every rank.
     for world in (1, 2, 3, 5, 7):
-        lens = {len(loader(shard_dir, "dali", train=True, rank=r, world_size=world, batch_size=4)) for r in range(world)}
+        lens = {
+            len(loader(shard_dir, "dali", train=True, rank=r, world_size=world, batch_size=4)) for r in range(world)
+        }
         assert lens == {48 // world // 4}
 
 
@@ -163,7 +167,7 @@ def test_resume_refuses_a_different_world_size(shard_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dtype_and_channels_last(shard_dir, backend):
     ld = loader(shard_dir, backend, train=True, split="val", dtype="float16", channels_last=True, batch_size=4)
-    images, labels = next(iter(ld))
+    images, _ = next(iter(ld))
     assert images.dtype == torch.float16 and images.shape == (4, 3, SIZE, SIZE)
     assert images.is_contiguous(memory_format=torch.channels_last)
     bf = loader(shard_dir, backend, dtype=torch.bfloat16, batch_size=4)
@@ -196,8 +200,9 @@ class PngSource(PhotoSource):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_png_shards(tmp_path, backend):
-    build(PngSource(num_classes=24, copies=1), str(tmp_path), Options(seed=1, shard_samples=7, image_ext="png"),
-          workers=1)
+    build(
+        PngSource(num_classes=24, copies=1), str(tmp_path), Options(seed=1, shard_samples=7, image_ext="png"), workers=1
+    )
     assert (tmp_path / "photos-val-000.idx").read_text().split("\n")[1].startswith("png ")
     for train in (True, False):
         got = labels_of(loader(tmp_path, backend, split="val", train=train, drop_last=False, batch_size=4))

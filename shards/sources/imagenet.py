@@ -109,7 +109,12 @@ def read_devkit(path: str) -> Devkit:
 
 
 class ImageNetSource:
-    """The ILSVRC2012 archives in folder `root`, as a Source (shards/types.py)."""
+    """The ILSVRC2012 archives in folder `root`, as a Source (shards/types.py).
+
+    The devkit is required; a split whose archive is absent is not offered. With check_md5,
+    every present archive is hashed before anything else and compared with `md5[name]` if
+    given, else the official digest (shards/checksums.py); `md5` alone checks nothing.
+    """
 
     dataset = "imagenet"
 

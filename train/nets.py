@@ -1,0 +1,37 @@
+"""Small networks of our own, for CPU-sized runs (the demo preset); named as --arch train.nets:Class.
+
+NarrowResNet is torchvision's ResNet (same BasicBlock, same stem, same state_dict layout)
+with fewer channels and one block per stage: about 1/16 of ResNet-18's compute at the same
+resolution, which is what a 2-core CPU can train on the demo set in a few minutes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+
+class NarrowResNet(ResNet):
+    """ResNet with BasicBlocks, stage widths width x (1, 2, 4, 8) and `layers` blocks per stage."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 16, layers: tuple[int, ...] = (1, 1, 1, 1)) -> None:
+        super().__init__(BasicBlock, list(layers), num_classes=num_classes, zero_init_residual=True)
+        # torchvision fixes the widths at 64..512: rebuild the stages at `width`.
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(BasicBlock, width, layers[0])
+        self.layer2 = self._make_layer(BasicBlock, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, width * 8, layers[3], stride=2)
+        self.fc = nn.Linear(width * 8, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)  # zero-init of each block's last BN gamma
+
+
+class NarrowResNet32(NarrowResNet):
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__(num_classes, width=32)
