@@ -14,7 +14,6 @@ after a crash reuses every shard already published (shards/build.py's resume rec
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.params import (
-    check_params,
-    default_image_ext,
-    make_options,
-    parse_splits,
-    source_kwargs,
-)
+from flows.params import BuildParams
 from flows.pool import ShardPool
 from shards.build import BuildError, Plan, ShardRecord, check_output, finish, prepare, summary_rows, write_shard
 from shards.plan import ShardSpec
@@ -74,9 +67,12 @@ def index_source(
         specs = plan.split_shards(split)
         log.info(
             "plan %s: %d images in %d shards (%s), %d quarantined while indexing",
-            split, sum(len(s.items) for s in specs), len(specs), specs[0].name if specs else "-",
+            split,
+            sum(len(s.items) for s in specs),
+            len(specs),
+            specs[0].name if specs else "-",
             len(plan.source_quarantine.get(split, [])),
-        )  # fmt: skip
+        )
     return Prepared(src, plan, storage, check_output(storage, plan))
 
 
@@ -133,8 +129,13 @@ def write_batch(
     secs = time.perf_counter() - start
     log.info(
         "batch %s done: %d shards (%d reused), %d images, %d quarantined, %.1fs",
-        label, len(records), reused, n, q, secs,
-    )  # fmt: skip
+        label,
+        len(records),
+        reused,
+        n,
+        q,
+        secs,
+    )
     return records
 
 
@@ -167,16 +168,18 @@ def rows_from_manifest(plan: Plan, manifest: dict) -> list[dict]:
     for split in plan.splits:
         entry = manifest["splits"][split]
         planned = {(it.key, it.source) for s in plan.split_shards(split) for it in s.items}
-        rows.append({
-            "split": split,
-            "samples": entry["samples"],
-            "shards": len(entry["shards"]),
-            "bytes": sum(s["bytes"] for s in entry["shards"]),
-            "quarantined": len(plan.source_quarantine.get(split, [])) + len(quarantined & planned),
-            "reused": len(entry["shards"]),
-            "seconds": 0.0,
-            "images_per_sec": None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "split": split,
+                "samples": entry["samples"],
+                "shards": len(entry["shards"]),
+                "bytes": sum(s["bytes"] for s in entry["shards"]),
+                "quarantined": len(plan.source_quarantine.get(split, [])) + len(quarantined & planned),
+                "reused": len(entry["shards"]),
+                "seconds": 0.0,
+                "images_per_sec": None,
+            }
+        )
     return rows
 
 
@@ -209,24 +212,12 @@ def build_shards(
     train_per_class, val_per_class and demo_size size the demo set only.
     Returns {"output", "dataset", "rows": per-split summary, "complete_before": bool}.
     """
+    p = BuildParams(**locals()).check()  # first statement: locals() holds exactly the parameters
     log = get_run_logger()
-    check_params(
-        dataset, source, output, shard_size, shard_samples, verify, max_side, workers, md5,
-        val_fraction, image_ext, jpeg_quality,
-    )  # fmt: skip
-    workers = workers or os.cpu_count() or 1
-    ext = default_image_ext(dataset, image_ext)
-    source_kw = source_kwargs(
-        dataset, seed=seed, md5=md5, check_md5=check_md5, val_fraction=val_fraction, image_ext=ext,
-        jpeg_quality=jpeg_quality, train_per_class=train_per_class, val_per_class=val_per_class, demo_size=demo_size,
-    )  # fmt: skip
-    options = make_options(
-        dataset, seed=seed, shard_size=shard_size, shard_samples=shard_samples, verify=verify, max_side=max_side,
-        image_ext=ext, jpeg_quality=jpeg_quality, source_kw=source_kw,
-    )  # fmt: skip
+    workers, options = p.worker_count(), p.options()
     log.info("build-shards %s from %s to %s with %d workers", dataset, source or "(generated)", output, workers)
     start = time.perf_counter()
-    job = index_source(dataset, source, source_kw, options, parse_splits(splits), output)
+    job = index_source(dataset, source, p.source_kwargs(), options, p.split_list(), output)
     plan = job.plan
     log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(plan.shards))
 
@@ -234,7 +225,10 @@ def build_shards(
         log.info("%s already holds this complete set; nothing to do", job.storage.root)
         rows = rows_from_manifest(plan, job.done)
     else:
-        progress = Progress(len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+        progress = Progress(
+            len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written")
+        )
+        workers = min(workers, len(plan.shards))  # no idle processes for a small set
         groups = batches(plan.shards, workers)
         log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
         pool = ShardPool(job.source, workers) if workers > 1 else None
@@ -243,9 +237,15 @@ def build_shards(
                 futures = [
                     runner.submit(
                         write_batch,
-                        {"label": batch_label(g), "specs": quote(g), "job": quote(job), "options": options,
-                         "pool": quote(pool), "progress": quote(progress)},
-                    )  # fmt: skip
+                        {
+                            "label": batch_label(g),
+                            "specs": quote(g),
+                            "job": quote(job),
+                            "options": options,
+                            "pool": quote(pool),
+                            "progress": quote(progress),
+                        },
+                    )
                     for g in groups
                 ]
                 for f in futures:
@@ -255,7 +255,7 @@ def build_shards(
         finally:
             if pool is not None:
                 pool.close()
-        finish_set(quote(job), quote(records), ext)
+        finish_set(quote(job), quote(records), p.ext)
         rows = summary_rows(plan, records, progress.split_seconds())
 
     quarantined = sum(r["quarantined"] for r in rows)
@@ -264,9 +264,15 @@ def build_shards(
     for r in rows:
         log.info(
             "%s: %d images in %d shards, %.1f MB, %d quarantined, %d reused, %.1fs, %s images/s",
-            r["split"], r["samples"], r["shards"], r["bytes"] / 1e6, r["quarantined"], r["reused"], r["seconds"],
+            r["split"],
+            r["samples"],
+            r["shards"],
+            r["bytes"] / 1e6,
+            r["quarantined"],
+            r["reused"],
+            r["seconds"],
             r["images_per_sec"],
-        )  # fmt: skip
+        )
     create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
     log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
     return {"output": job.storage.root, "dataset": dataset, "rows": rows, "complete_before": job.done is not None}

@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from flows.params import IMAGE_EXTS, VERIFY_MODES, ParamError, check_params, parse_md5, parse_size, parse_splits
+from flows.params import IMAGE_EXTS, VERIFY_MODES, BuildParams, ParamError, parse_md5, parse_size, parse_splits
 from shards.sources import DATASETS
 
 
@@ -29,47 +29,114 @@ def cli() -> None:
 
 
 @cli.command("build-shards")
-@click.option("--dataset", required=True, metavar="|".join(DATASETS),
-              help="Source kind: imagenet (folder with the three ILSVRC2012 archives), imagefolder (class-per-"
-                   "subfolder tree), cifar10 (cifar-10-python.tar.gz) or demo (generated, no --source).")
-@click.option("--source", default=None, metavar="PATH_OR_URL",
-              help="Where the dataset is: a folder, file or URL. Required except for --dataset demo.")
-@click.option("--output", required=True, metavar="PATH_OR_URL",
-              help="Folder or fsspec URL (s3://...) to write shards, .idx indexes and manifest.json into.")
-@click.option("--splits", default=None, metavar="LIST",
-              help="Comma-separated splits to build, e.g. train,val. Default: every split the source has.")
-@click.option("--shard-size", default=None, metavar="SIZE",
-              help="Target shard size: bytes or a size such as 1GB, 500MB, 64MiB. Default 1GB. "
-                   "Excludes --shard-samples.")
-@click.option("--shard-samples", type=int, default=None, metavar="N",
-              help="Exactly N images per shard (the last one fewer), instead of --shard-size.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the global shuffle (and of the demo set and --val-fraction split): same seed, same bytes.")
-@click.option("--verify", default="decode", show_default=True, metavar="|".join(VERIFY_MODES),
-              help="How hard to check each image: decode fully, parse headers only, or trust it (none). "
-                   "Bad images are quarantined and listed in the manifest.")
-@click.option("--max-side", type=int, default=None, metavar="N",
-              help="Downsize images whose longer side exceeds N pixels (re-encoded JPEG). Default: keep sizes.")
-@click.option("--workers", type=int, default=None, metavar="N",
-              help="Processes decoding and writing shards in parallel (bounds CPU and memory). Default: CPU count.")
-@click.option("--md5", multiple=True, metavar="NAME=HEX",
-              help="Expected MD5 of an archive, by file name; repeatable. Wins over the built-in ILSVRC2012 digests.")
-@click.option("--check-md5", is_flag=True,
-              help="ImageNet: verify local archives against the official (or --md5) digests before indexing.")
-@click.option("--val-fraction", type=float, default=None, metavar="F",
-              help="imagefolder without train/ and val/ subfolders: hold out this fraction (0..1) per class "
-                   "as val, chosen with --seed.")
-@click.option("--image-ext", default=None, metavar="|".join(IMAGE_EXTS),
-              help="Image member format. Default jpg; cifar10 defaults to png (lossless). jpg re-encodes "
-                   "lossless sources at --jpeg-quality.")
-@click.option("--jpeg-quality", type=int, default=95, show_default=True, metavar="Q",
-              help="JPEG quality for images that are re-encoded (repaired, resized, or from a lossless source).")
-@click.option("--train-per-class", type=int, default=None, metavar="N",
-              help="demo only: training images per class (default 500).")
-@click.option("--val-per-class", type=int, default=None, metavar="N",
-              help="demo only: validation images per class (default 100).")
-@click.option("--demo-size", type=int, default=None, metavar="PX",
-              help="demo only: image side in pixels (default 96).")
+@click.option(
+    "--dataset",
+    required=True,
+    metavar="|".join(DATASETS),
+    help="Source kind: imagenet (folder with the three ILSVRC2012 archives), imagefolder (class-per-"
+    "subfolder tree), cifar10 (cifar-10-python.tar.gz) or demo (generated, no --source).",
+)
+@click.option(
+    "--source",
+    default=None,
+    metavar="PATH_OR_URL",
+    help="Where the dataset is: a folder, file or URL. Required except for --dataset demo.",
+)
+@click.option(
+    "--output",
+    required=True,
+    metavar="PATH_OR_URL",
+    help="Folder or fsspec URL (s3://...) to write shards, .idx indexes and manifest.json into.",
+)
+@click.option(
+    "--splits",
+    default=None,
+    metavar="LIST",
+    help="Comma-separated splits to build, e.g. train,val. Default: every split the source has.",
+)
+@click.option(
+    "--shard-size",
+    default=None,
+    metavar="SIZE",
+    help="Target shard size: bytes or a size such as 1GB, 500MB, 64MiB. Default 1GB. Excludes --shard-samples.",
+)
+@click.option(
+    "--shard-samples",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Exactly N images per shard (the last one fewer), instead of --shard-size.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the global shuffle (and of the demo set and --val-fraction split): same seed, same bytes.",
+)
+@click.option(
+    "--verify",
+    default="decode",
+    show_default=True,
+    metavar="|".join(VERIFY_MODES),
+    help="How hard to check each image: decode fully, parse headers only, or trust it (none). "
+    "Bad images are quarantined and listed in the manifest.",
+)
+@click.option(
+    "--max-side",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Downsize images whose longer side exceeds N pixels (re-encoded JPEG). Default: keep sizes.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Processes decoding and writing shards in parallel (bounds CPU and memory). Default: CPU count.",
+)
+@click.option(
+    "--md5",
+    multiple=True,
+    metavar="NAME=HEX",
+    help="Expected MD5 of an archive, by file name; repeatable. Wins over the built-in ILSVRC2012 digests.",
+)
+@click.option(
+    "--check-md5",
+    is_flag=True,
+    help="ImageNet: verify local archives against the official (or --md5) digests before indexing.",
+)
+@click.option(
+    "--val-fraction",
+    type=float,
+    default=None,
+    metavar="F",
+    help="imagefolder without train/ and val/ subfolders: hold out this fraction (0..1) per class "
+    "as val, chosen with --seed.",
+)
+@click.option(
+    "--image-ext",
+    default=None,
+    metavar="|".join(IMAGE_EXTS),
+    help="Image member format. Default jpg; cifar10 defaults to png (lossless). jpg re-encodes "
+    "lossless sources at --jpeg-quality.",
+)
+@click.option(
+    "--jpeg-quality",
+    type=int,
+    default=95,
+    show_default=True,
+    metavar="Q",
+    help="JPEG quality for images that are re-encoded (repaired, resized, or from a lossless source).",
+)
+@click.option(
+    "--train-per-class", type=int, default=None, metavar="N", help="demo only: training images per class (default 500)."
+)
+@click.option(
+    "--val-per-class", type=int, default=None, metavar="N", help="demo only: validation images per class (default 100)."
+)
+@click.option("--demo-size", type=int, default=None, metavar="PX", help="demo only: image side in pixels (default 96).")
 def build_shards_cmd(**kw) -> None:
     """Build a dataset into shuffled, verified WebDataset shards with DALI indexes and a manifest.
 
@@ -82,13 +149,7 @@ def build_shards_cmd(**kw) -> None:
         kw["splits"] = parse_splits(kw["splits"])
         if kw["shard_size"] is not None:
             kw["shard_size"] = parse_size(kw["shard_size"])
-        check_params(
-            kw["dataset"], kw["source"], kw["output"], kw["shard_size"], kw["shard_samples"], kw["verify"],
-            kw["max_side"], kw["workers"], kw["md5"], kw["val_fraction"], kw["image_ext"], kw["jpeg_quality"],
-        )  # fmt: skip
-        for name in ("train_per_class", "val_per_class", "demo_size"):
-            if kw[name] is not None and kw["dataset"] != "demo":
-                raise ParamError(f"--{name.replace('_', '-')} applies to --dataset demo only")
+        BuildParams(**kw).check()  # the flow checks again; here it fails before Prefect starts
     except ParamError as e:
         raise click.UsageError(str(e)) from None
 
@@ -113,6 +174,13 @@ def serve_cmd(limit: int | None) -> None:
     prefect deployment run build-shards/imagenet -p source=/data/ilsvrc -p output=/ssd/imagenet --watch
     """
     _prefect_defaults()
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:  # a temporary server would vanish with this process
+        raise click.UsageError(
+            "serve needs a running Prefect server: start `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
+        )
     from flows.deployments import serve
 
     serve(limit=limit)

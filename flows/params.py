@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from shards.sources import DATASETS
 from shards.storage import is_url
@@ -20,11 +21,21 @@ IMAGE_EXTS = ("jpg", "png")
 DEFAULT_SHARD_SIZE = "1GB"
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 
@@ -72,107 +83,100 @@ def parse_splits(value: str | Iterable[str] | None) -> list[str] | None:
     return splits or None
 
 
-def check_params(
-    dataset: str,
-    source: str | None,
-    output: str,
-    shard_size: str | int | None,
-    shard_samples: int | None,
-    verify: str,
-    max_side: int | None,
-    workers: int | None,
-    md5: dict[str, str] | None,
-    val_fraction: float | None,
-    image_ext: str | None,
-    jpeg_quality: int,
-) -> None:
-    """Raise ParamError (one line) for the first bad parameter; does no I/O beyond a stat."""
-    if dataset not in DATASETS:
-        raise ParamError(f"--dataset {dataset!r}: unknown; choose one of {', '.join(DATASETS)}")
-    if dataset != "demo" and not source:
-        raise ParamError(f"--source is required for --dataset {dataset} (a folder or URL)")
-    if source and not is_url(source) and not os.path.exists(source.removeprefix("file://")):
-        raise ParamError(f"--source {source}: no such file or folder")
-    if not output:
-        raise ParamError("--output is required (a folder or URL)")
-    if shard_samples is not None and shard_size is not None:
-        raise ParamError("--shard-size and --shard-samples exclude each other: give one")
-    if shard_samples is not None and shard_samples < 1:
-        raise ParamError(f"--shard-samples {shard_samples}: must be at least 1")
-    if shard_samples is None:
-        parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE)
-    if verify not in VERIFY_MODES:
-        raise ParamError(f"--verify {verify!r}: choose one of {', '.join(VERIFY_MODES)}")
-    if max_side is not None and max_side < 16:
-        raise ParamError(f"--max-side {max_side}: must be at least 16 pixels")
-    if workers is not None and workers < 1:
-        raise ParamError(f"--workers {workers}: must be at least 1")
-    for name, digest in (md5 or {}).items():
-        if not _MD5.match(str(digest)):
-            raise ParamError(f"--md5 {name}={digest}: not a 32-digit hex MD5")
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise ParamError(f"--val-fraction {val_fraction}: must be between 0 and 1")
-    if image_ext is not None and image_ext not in IMAGE_EXTS:
-        raise ParamError(f"--image-ext {image_ext!r}: choose one of {', '.join(IMAGE_EXTS)}")
-    if not 1 <= jpeg_quality <= 100:
-        raise ParamError(f"--jpeg-quality {jpeg_quality}: must be 1..100")
+@dataclass
+class BuildParams:
+    """Every build-shards parameter, as the flow and the CLI take them (see the CLI's --help)."""
 
+    dataset: str
+    output: str
+    source: str | None = None
+    splits: list[str] | str | None = None
+    shard_size: str | int | None = None  # default DEFAULT_SHARD_SIZE; excludes shard_samples
+    shard_samples: int | None = None
+    seed: int = 0
+    verify: str = "decode"
+    max_side: int | None = None
+    workers: int | None = None  # default: CPU count
+    md5: dict[str, str] | None = None
+    check_md5: bool = False
+    val_fraction: float | None = None
+    image_ext: str | None = None  # default: png for cifar10, else jpg
+    jpeg_quality: int = 95
+    train_per_class: int | None = None  # demo only
+    val_per_class: int | None = None  # demo only
+    demo_size: int | None = None  # demo only
 
-def default_image_ext(dataset: str, image_ext: str | None) -> str:
-    """CIFAR-10 is lossless at the source, so it keeps PNG unless told otherwise."""
-    return image_ext or ("png" if dataset == "cifar10" else "jpg")
+    def check(self) -> BuildParams:
+        """Raise ParamError (one line) for the first bad parameter; no I/O beyond a stat."""
+        if self.dataset not in DATASETS:
+            raise ParamError(f"--dataset {self.dataset!r}: unknown; choose one of {', '.join(DATASETS)}")
+        if self.dataset != "demo" and not self.source:
+            raise ParamError(f"--source is required for --dataset {self.dataset} (a folder or URL)")
+        if self.source and not is_url(self.source) and not os.path.exists(self.source.removeprefix("file://")):
+            raise ParamError(f"--source {self.source}: no such file or folder")
+        if not self.output:
+            raise ParamError("--output is required (a folder or URL)")
+        parse_splits(self.splits)
+        if self.shard_samples is not None and self.shard_size is not None:
+            raise ParamError("--shard-size and --shard-samples exclude each other: give one")
+        if self.shard_samples is not None and self.shard_samples < 1:
+            raise ParamError(f"--shard-samples {self.shard_samples}: must be at least 1")
+        parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
+        if self.verify not in VERIFY_MODES:
+            raise ParamError(f"--verify {self.verify!r}: choose one of {', '.join(VERIFY_MODES)}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ParamError(f"--max-side {self.max_side}: must be at least 16 pixels")
+        if self.workers is not None and self.workers < 1:
+            raise ParamError(f"--workers {self.workers}: must be at least 1")
+        for name, digest in (self.md5 or {}).items():
+            if not _MD5.match(str(digest)):
+                raise ParamError(f"--md5 {name}={digest}: not a 32-digit hex MD5")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ParamError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+        if self.image_ext is not None and self.image_ext not in IMAGE_EXTS:
+            raise ParamError(f"--image-ext {self.image_ext!r}: choose one of {', '.join(IMAGE_EXTS)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ParamError(f"--jpeg-quality {self.jpeg_quality}: must be 1..100")
+        for name in ("train_per_class", "val_per_class", "demo_size"):
+            if getattr(self, name) is not None and self.dataset != "demo":
+                raise ParamError(f"--{name.replace('_', '-')} applies to --dataset demo only")
+        return self
 
+    @property
+    def ext(self) -> str:
+        """CIFAR-10 is lossless at the source, so it keeps PNG unless told otherwise."""
+        return self.image_ext or ("png" if self.dataset == "cifar10" else "jpg")
 
-def source_kwargs(
-    dataset: str,
-    *,
-    seed: int,
-    md5: dict[str, str] | None,
-    check_md5: bool,
-    val_fraction: float | None,
-    image_ext: str,
-    jpeg_quality: int,
-    train_per_class: int | None,
-    val_per_class: int | None,
-    demo_size: int | None,
-) -> dict:
-    """The keyword arguments open_source() takes for this dataset kind (unset ones left out)."""
-    if dataset == "imagenet":
-        return {"check_md5": check_md5, "md5": md5 or {}}
-    if dataset == "imagefolder":
-        return {"seed": seed} | ({"val_fraction": val_fraction} if val_fraction is not None else {})
-    if dataset == "cifar10":
-        return {"image_ext": image_ext, "jpeg_quality": jpeg_quality}
-    if dataset == "demo":
-        kw = {"seed": seed, "train_per_class": train_per_class, "val_per_class": val_per_class, "size": demo_size}
-        return {k: v for k, v in kw.items() if v is not None}
-    return {}
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
+    def split_list(self) -> list[str] | None:
+        return parse_splits(self.splits)
 
-def make_options(
-    dataset: str,
-    *,
-    seed: int,
-    shard_size: str | int | None,
-    shard_samples: int | None,
-    verify: str,
-    max_side: int | None,
-    image_ext: str,
-    jpeg_quality: int,
-    source_kw: dict,
-) -> Options:
-    """Options for shards/. Source options that change which images or bytes are written are
-    recorded in the manifest params too, so a rerun with other values is never taken for a
-    finished set; options that only check (md5, check_md5) are not."""
-    extra = {"image_ext": image_ext}
-    extra |= {k: v for k, v in source_kw.items() if k not in ("seed", "md5", "check_md5", "image_ext", "jpeg_quality")}
-    return Options(
-        seed=seed,
-        shard_bytes=parse_size(shard_size if shard_size is not None else DEFAULT_SHARD_SIZE),
-        shard_samples=shard_samples,
-        verify=verify,
-        max_side=max_side,
-        image_ext=image_ext,
-        jpeg_quality=jpeg_quality,
-        extra=extra,
-    )
+    def source_kwargs(self) -> dict:
+        """The keyword arguments open_source() takes for this dataset kind (unset ones left out)."""
+        if self.dataset == "imagenet":
+            return {"check_md5": self.check_md5, "md5": self.md5 or {}}
+        if self.dataset == "imagefolder":
+            return {"seed": self.seed} | ({"val_fraction": self.val_fraction} if self.val_fraction is not None else {})
+        if self.dataset == "cifar10":
+            return {"image_ext": self.ext, "jpeg_quality": self.jpeg_quality}
+        kw = {"seed": self.seed, "train_per_class": self.train_per_class, "val_per_class": self.val_per_class}
+        return {k: v for k, v in (kw | {"size": self.demo_size}).items() if v is not None}
+
+    def options(self) -> Options:
+        """Options for shards/. Source options that change which images or bytes are written
+        are recorded in the manifest params too, so a rerun with other values is never taken
+        for a finished set; options that only check (md5, check_md5) are not."""
+        skip = ("seed", "md5", "check_md5", "image_ext", "jpeg_quality")
+        extra = {"image_ext": self.ext} | {k: v for k, v in self.source_kwargs().items() if k not in skip}
+        return Options(
+            seed=self.seed,
+            shard_bytes=parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
+            shard_samples=self.shard_samples,
+            verify=self.verify,
+            max_side=self.max_side,
+            image_ext=self.ext,
+            jpeg_quality=self.jpeg_quality,
+            extra=extra,
+        )

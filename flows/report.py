@@ -21,7 +21,9 @@ def _cell(key: str, value: object) -> str:
 def print_summary(result: dict, console: Console | None = None) -> None:
     """Print the flow's per-split rows as a table, then the output location."""
     console = console or Console()
-    title = f"build-shards {result['dataset']}" + (" (already complete: nothing written)" if result["complete_before"] else "")
+    title = f"build-shards {result['dataset']}" + (
+        " (already complete: nothing written)" if result["complete_before"] else ""
+    )
     table = Table(title=title)
     for c in COLUMNS:
         table.add_column(c.replace("_", " "), justify="left" if c == "split" else "right")

@@ -4,7 +4,7 @@ Each measurement runs in its own spawned process (so host memory and CPU time be
 loader only): iterate for --warmup seconds, then count images for --seconds. Reported per
 backend: images/s, batch latency p50/p99 (time between consecutive batches reaching the
 consumer), CPU use (CPU seconds of the process and its worker processes per wall second: 2.0
-means two cores busy) and peak host memory (RSS summed over the process tree, sampled every
+means two cores busy; and per image, which holds up better than images/s on a shared machine) and peak host memory (RSS summed over the process tree, sampled every
 0.2 s; shared pages count once per process, so PSS is also given).
 The baseline: torchvision.datasets.ImageFolder + DataLoader (RandomResizedCrop, RandomHorizontalFlip,
 ToTensor, Normalize; same batch size, workers and device) over the same JPEGs extracted from
@@ -166,6 +166,7 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 "batch_ms_p50": round(float(np.percentile(lat, 50)) * 1e3, 2),
                 "batch_ms_p99": round(float(np.percentile(lat, 99)) * 1e3, 2),
                 "cpu_cores_used": round(cpu / wall, 2),
+                "cpu_ms_per_image": round(cpu / images * 1e3, 2),
                 "peak_rss_mb": round(mon.peak_rss / 2**20),
                 "peak_pss_mb": round(mon.peak_pss / 2**20),
                 "images": images,
@@ -218,7 +219,7 @@ def print_table(results: list[dict], title: str) -> None:
         table.add_column(col, justify="left" if col in ("backend", "device") else "right")
     for r in results:
         if "error" in r:
-            table.add_row(r["backend"], r["device"], f"[red]{r['error']}[/red]", *[""] * 6)
+            table.add_row(r["backend"], r["device"], f"[red]{r['error']}[/red]", *[""] * 7)
             continue
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "-"
         table.add_row(
@@ -229,10 +230,11 @@ def print_table(results: list[dict], title: str) -> None:
             f"{r['batch_ms_p50']:.1f}",
             f"{r['batch_ms_p99']:.1f}",
             f"{r['cpu_cores_used']:.2f}",
+            f"{r['cpu_ms_per_image']:.2f}",
             str(r["peak_rss_mb"]),
             str(r["peak_pss_mb"]),
         )
-    Console(stderr=False).print(table)
+    Console(width=160).print(table)
 
 
 def split_backends(values: tuple[str, ...]) -> list[str]:

@@ -4,12 +4,13 @@ Why index-based reads and not a webdataset stream: the .idx gives each image's (
 so a map-style Dataset fetches exactly the rows of the epoch plan (loaders/sharding.py), which
 is what makes equal per-rank epochs, per-epoch permutations and exact resume simple.
 
-Why PIL and not a tensor decode: PIL's JPEG `draft()` decodes at 1/2, 1/4 or 1/8 scale in the
-DCT domain. The crop is drawn first (torchvision's RandomResizedCrop.get_params, same
-semantics as transforms.v2.RandomResizedCrop) and the image is decoded at the smallest scale
-that still leaves the crop at least `image_size` pixels a side, then cropped + resized with
-antialiased bilinear in one PIL call. That decode saving is what puts this backend ahead of
-the plain ImageFolder pipeline. PNG has no draft mode and is decoded whole.
+Decoding and augmenting: torchvision.io.decode_image (libjpeg-turbo / libpng) into uint8, the
+crop drawn with torchvision's RandomResizedCrop.get_params (the semantics of
+transforms.v2.RandomResizedCrop: area 0.08..1, ratio 3/4..4/3), then torch's antialiased
+bilinear resize on channels-last uint8, which is vectorized and several times cheaper than the
+float path that ToTensor + RandomResizedCrop take. Where the crop is at least twice
+`image_size` a side (large photos), the JPEG is instead decoded at 1/2, 1/4 or 1/8 scale in
+the DCT domain (PIL's draft()), which skips most of the decode.
 
 Workers return uint8 HWC; the batch goes to `device` as uint8 (pinned, non_blocking: a
 quarter of the float bytes) and is converted + normalized there in one batched op.
@@ -26,7 +27,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
 from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError
@@ -86,37 +89,60 @@ class ShardRows(Dataset):
         shard, sample, offset, size, label_offset = row
         label = int.from_bytes(self._read(shard, label_offset, 8), "little", signed=True)
         try:
-            im = Image.open(io.BytesIO(self._read(shard, offset, size)))
-            im = self.augment(im) if self.train else self.center(im)
-            arr = np.asarray(im)
+            data = self._read(shard, offset, size)
+            image = self.augment(data) if self.train else self.center(data)
         except Exception as e:
             key = Shard(self.urls[shard], self.index_urls[shard], 0).key(sample)
             raise DecodeError(self.urls[shard], key, f"{type(e).__name__}: {e}") from None
-        return torch.from_numpy(arr.copy()), label
+        return image, label
 
-    def augment(self, im: Image.Image) -> Image.Image:
-        top, left, h, w = RandomResizedCrop.get_params(im, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    @staticmethod
+    def decode(data: bytes) -> torch.Tensor:
+        """JPEG or PNG -> uint8 3 x H x W (channels-last strides, as libjpeg-turbo writes it)."""
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+    def resize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Antialiased bilinear resize of uint8 3 x h x w, returned as uint8 H x W x 3.
+
+        On channels-last uint8, torch's antialiased bilinear kernel is vectorized and follows
+        PIL's filter (to about one grey level): several times cheaper than float resizing.
+        """
+        x = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return x[0].permute(1, 2, 0)
+
+    def augment(self, data: bytes) -> torch.Tensor:
+        head = Image.open(io.BytesIO(data))  # parses the header only
+        top, left, h, w = RandomResizedCrop.get_params(head, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        k = min(w, h) / self.size  # largest reduction that keeps the crop >= size a side
+        if self.draft and k >= 2 and head.format == "JPEG":
+            out = self.draft_crop(head, (top, left, h, w), k)
+        else:
+            out = self.resize(self.decode(data)[:, top : top + h, left : left + w], (self.size, self.size))
+        if torch.rand(1).item() < 0.5:
+            out = out.flip(1)
+        return out.contiguous()
+
+    def draft_crop(self, im: Image.Image, crop: tuple[int, int, int, int], k: float) -> torch.Tensor:
+        """Decode at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL draft), then crop + resize."""
+        top, left, h, w = crop
         width, height = im.size
-        if self.draft and im.format == "JPEG":
-            k = min(w, h) / self.size  # largest reduction that keeps the crop >= size a side
-            if k >= 2:
-                im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
+        im.draft("RGB", (math.ceil(width / k), math.ceil(height / k)))
         sx, sy = im.size[0] / width, im.size[1] / height
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR, box=box)
-        if torch.rand(1).item() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        return im
+        return torch.from_numpy(np.asarray(im).copy())
 
-    def center(self, im: Image.Image) -> Image.Image:
-        # torchvision Resize(int(size / 0.875)) + CenterCrop(size), on PIL, to the pixel: no draft
-        # here, so validation accuracy is comparable with torchvision's reference evaluation.
+    def center(self, data: bytes) -> torch.Tensor:
+        # torchvision Resize(int(size / 0.875)) + CenterCrop(size), to the pixel: no draft here,
+        # so validation accuracy is comparable with torchvision's reference evaluation.
+        image = self.decode(data)
         resize = int(self.size / EVAL_CROP_RATIO)
-        width, height = im.size
+        _, height, width = image.shape
         w, h = (resize, int(resize * height / width)) if width <= height else (int(resize * width / height), resize)
-        im = im.convert("RGB").resize((w, h), Image.BILINEAR)
+        out = self.resize(image, (h, w))
         top, left = round((h - self.size) / 2.0), round((w - self.size) / 2.0)
-        return im.crop((left, top, left + self.size, top + self.size))
+        return out[top : top + self.size, left : left + self.size].contiguous()
 
 
 class PlanBatches:
@@ -133,11 +159,21 @@ class PlanBatches:
 
 
 def normalize(batch: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """uint8 N x H x W x 3 -> normalized N x 3 x H x W in `dtype`, one batched op on the batch's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=batch.device) * 255)
-    out = ((batch.float() - mean) * inv_std).to(dtype).permute(0, 3, 1, 2)  # a channels-last view
-    return out if channels_last else out.contiguous()
+    """uint8 N x H x W x 3 -> normalized N x 3 x H x W in `dtype`, on the batch's device.
+
+    One converting copy, then in-place arithmetic: about 4x less CPU than the naive
+    `((x.float() - mean) / std).permute(...).contiguous()`, which matters when device="cpu".
+    """
+    n, h, w, _ = batch.shape
+    mean = (torch.tensor(IMAGENET_MEAN, device=batch.device) * 255).view(1, 3, 1, 1)
+    inv_std = (1 / (torch.tensor(IMAGENET_STD, device=batch.device) * 255)).view(1, 3, 1, 1)
+    if channels_last:
+        out = batch.permute(0, 3, 1, 2).to(torch.float32)  # keeps the N x H x W x C strides
+    else:
+        out = torch.empty((n, 3, h, w), dtype=torch.float32, device=batch.device)
+        out.copy_(batch.permute(0, 3, 1, 2))
+    out.sub_(mean).mul_(inv_std)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 class TorchBackend:

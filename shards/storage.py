@@ -167,6 +167,7 @@ class Storage:
         else:
             with open(local_path, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(local_path, 0o644)  # mkstemp makes 0600: published shards must be readable by others
             os.replace(local_path, self._path(name))
 
     def write_bytes_atomic(self, name: str, data: bytes) -> None:

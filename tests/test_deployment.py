@@ -99,13 +99,20 @@ def test_served_demo_deployment_builds_a_complete_set(tmp_path):
             wait_for(
                 "the four deployments",
                 lambda: all(get(f"{api}/deployments/name/build-shards/{d}")[0] == 200 for d in DEPLOYMENTS),
-                60, [server, serve],
-            )  # fmt: skip
+                60,
+                [server, serve],
+            )
             _, body = get(f"{api}/deployments/name/build-shards/imagenet")
             assert json.loads(body)["parameters"]["dataset"] == "imagenet"
 
-            params = {"output": str(out), "train_per_class": 3, "val_per_class": 2, "demo_size": 32,
-                      "shard_samples": 7, "workers": 2}  # fmt: skip
+            params = {
+                "output": str(out),
+                "train_per_class": 3,
+                "val_per_class": 2,
+                "demo_size": 32,
+                "shard_samples": 7,
+                "workers": 2,
+            }
             cmd = [PREFECT, "deployment", "run", "build-shards/demo", "--watch"]
             for k, v in params.items():
                 cmd += ["-p", f"{k}={v}"]
@@ -124,3 +131,13 @@ def test_served_demo_deployment_builds_a_complete_set(tmp_path):
     assert len(m["splits"]["train"]["shards"]) == 5 and len(m["splits"]["val"]["shards"]) == 3
     checks = verify(str(out))
     assert len(checks) == 8 and all(not c.problems for c in checks), [c.problems for c in checks]
+
+
+def test_serve_without_a_server_fails_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path)}
+    p = subprocess.run(
+        [sys.executable, "-m", "flows", "serve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: serve needs a running Prefect server"), p.stderr

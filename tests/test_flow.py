@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 import flows.build_shards as fb
 from flows.build_shards import PROGRESS_KEY, SUMMARY_KEY, build_shards
 from flows.cli import main
-from flows.params import default_image_ext, make_options, source_kwargs
+from flows.params import BuildParams, ParamError, parse_size
 from shards.build import prepare, write_shard
 from shards.manifest import read_manifest
 from shards.sources import open_source
@@ -75,7 +75,9 @@ def test_flow_builds_a_complete_verified_set(first_build):
     assert [s["samples"] for s in m["splits"]["train"]["shards"]] == [25, 25, 25, 5]
     assert m["params"]["shard_samples"] == 25 and m["params"]["train_per_class"] == 8
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == [
-        *(f"demo-train-00{i}.tar" for i in range(4)), "demo-val-000.tar", "demo-val-001.tar"
+        *(f"demo-train-00{i}.tar" for i in range(4)),
+        "demo-val-000.tar",
+        "demo-val-001.tar",
     ]
     assert not (out / "_progress").exists()
     checks = verify(str(out), decode=True)
@@ -106,8 +108,9 @@ def test_rerun_is_a_no_op(first_build):
     assert mtimes(out) == before and (out / "manifest.json").read_bytes() == manifest
     rows = table(run_id)
     assert [(r["split"], r["shards"], r["reused"], r["samples"]) for r in rows] == [
-        ("train", 4, 4, 80), ("val", 2, 2, 30)
-    ]  # fmt: skip
+        ("train", 4, 4, 80),
+        ("val", 2, 2, 30),
+    ]
 
 
 def test_rerun_with_other_parameters_fails_without_touching_the_set(first_build):
@@ -125,11 +128,9 @@ def test_resume_reuses_shards_a_dead_run_published(first_build, tmp_path):
     clean = read_manifest(str(first_build[0]))
     out = tmp_path / "resumed"
     # What a killed run leaves: two shards published with their progress records, a half-written file.
-    kw = source_kwargs("demo", seed=0, md5=None, check_md5=False, val_fraction=None, image_ext="jpg",
-                       jpeg_quality=95, train_per_class=8, val_per_class=3, demo_size=48)  # fmt: skip
-    options = make_options("demo", seed=0, shard_size=None, shard_samples=25, verify="decode", max_side=None,
-                           image_ext=default_image_ext("demo", None), jpeg_quality=95, source_kw=kw)  # fmt: skip
-    source = open_source("demo", None, **kw)
+    params = BuildParams(output=str(out), **DEMO)
+    options = params.options()
+    source = open_source("demo", None, **params.source_kwargs())
     plan = prepare(source, options)
     storage = Storage(out)
     storage.makedirs()
@@ -167,7 +168,7 @@ def test_quarantined_images_are_counted_in_summary_and_manifest(prefect_harness,
     monkeypatch.setattr(fb, "open_source", lambda *a, **k: source)
     out = tmp_path / "photos"
     args = {"dataset": "imagefolder", "source": str(tmp_path), "output": str(out), "shard_samples": 10, "workers": 1}
-    result, run_id = run(**args)
+    _, run_id = run(**args)
     rows = {r["split"]: r for r in table(run_id)}
     assert rows["train"]["quarantined"] == 2 and rows["val"]["quarantined"] == 0
     assert rows["train"]["samples"] == len(PHOTOS) and rows["val"]["samples"] == len(PHOTOS)
@@ -197,7 +198,7 @@ def test_a_transient_read_error_is_retried(prefect_harness, tmp_path, monkeypatc
     marker = tmp_path / "failed-once"
     monkeypatch.setattr(fb, "open_source", lambda *a, **k: FlakyPhotos(marker))
     out = tmp_path / "flaky"
-    result, _ = run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=30, workers=1)
+    run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=30, workers=1)
     assert marker.exists()  # the error did happen, and the retry got past it
     assert read_manifest(str(out))["splits"]["train"]["samples"] == len(PHOTOS)
     assert all(not c.problems for c in verify(str(out)))
@@ -205,8 +206,23 @@ def test_a_transient_read_error_is_retried(prefect_harness, tmp_path, monkeypatc
 
 def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["build-shards", "--dataset", "demo", "--output", str(out), "--shard-samples", "20",
-            "--train-per-class", "2", "--val-per-class", "2", "--demo-size", "32", "--workers", "1"]  # fmt: skip
+    argv = [
+        "build-shards",
+        "--dataset",
+        "demo",
+        "--output",
+        str(out),
+        "--shard-samples",
+        "20",
+        "--train-per-class",
+        "2",
+        "--val-per-class",
+        "2",
+        "--demo-size",
+        "32",
+        "--workers",
+        "1",
+    ]
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
@@ -236,10 +252,44 @@ def test_cli_rejects_bad_options_in_one_line(case, tmp_path):
     env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
     p = subprocess.run(
         [sys.executable, "-m", "flows", "build-shards", *args, "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2, p.stderr
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1GB", 10**9),
+        ("500MB", 500 * 10**6),
+        ("64MiB", 64 * 2**20),
+        ("1.5gb", 1_500_000_000),
+        ("12345", 12345),
+        (4096, 4096),
+    ],
+)
+def test_shard_sizes_parse(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "1 parsec", "-1GB", "0", "1e9"])
+def test_bad_shard_sizes_are_refused(text):
+    with pytest.raises(ParamError, match="--shard-size"):
+        parse_size(text)
+
+
+def test_params_record_what_changes_the_bytes():
+    """Source options that change the images go to manifest params; check-only ones do not."""
+    p = BuildParams(dataset="demo", output="x", **{k: v for k, v in DEMO.items() if k != "dataset"}).check()
+    assert p.options().params()["train_per_class"] == 8 and p.options().params()["size"] == 48
+    inet = BuildParams(dataset="imagenet", source=".", output="x", md5={"a.tar": "0" * 32}, check_md5=True).check()
+    assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == {"a.tar": "0" * 32}
+    assert BuildParams(dataset="cifar10", source=".", output="x").check().options().image_ext == "png"

@@ -251,3 +251,62 @@ def test_rows_per_label_cover_train_split_each_epoch(shard_dir):
     # train split, 2 copies of each photo; drop_last=False covers all 48 rows once.
     ld = loader(shard_dir, "dali", train=True, drop_last=False, batch_size=8)
     assert Counter(labels_of(ld)) == Counter({label: 2 for label in range(24)})
+
+
+@pytest.fixture(scope="module")
+def s3_shards(shard_dir):
+    """The val shards in a moto S3 server running in its own process.
+
+    Its own process because DALI's reader fetches from S3 while holding the GIL, which would
+    starve a server thread inside the test process.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance cached by another test points elsewhere
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for _ in range(100):
+            try:
+                s3.create_bucket(Bucket="team-data")
+                break
+            except Exception:
+                time.sleep(0.1)
+        for p in [*shard_dir.glob("photos-val-*"), shard_dir / "manifest.json"]:
+            s3.upload_file(str(p), "team-data", f"photos/{p.name}")
+        yield "s3://team-data/photos"
+    finally:
+        mp.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_s3_specs(s3_shards, backend):
+    for spec in (s3_shards, s3_shards + "/photos-val-{000..003}.tar"):
+        ld = loader(spec, backend, batch_size=4)
+        assert ld.num_classes == 24
+        assert sorted(labels_of(ld)) == list(range(24)), spec

@@ -270,8 +270,9 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         return d.is_main and cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] >= cfg.checkpoint_minutes * 60
 
     def on_step(st: EpochState, loss: float, group: int) -> None:
-        reporter.step(group, {"loss": f"{loss:.3f}", "lr": f"{st.lr:.3g}"} if st.global_step % cfg.log_every == 0 else None)
-        if st.global_step % cfg.log_every == 0:
+        due = st.global_step == 1 or st.global_step % cfg.log_every == 0
+        reporter.step(group, {"loss": f"{loss:.3f}", "lr": f"{st.lr:.3g}"} if due else None)
+        if due:
             reporter.scalars({"loss": loss, "lr": st.lr}, st.global_step, "step")
 
     reporter.log(
@@ -328,6 +329,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         kept = f"; last good checkpoint: {last_path}" if os.path.exists(last_path) else " (no checkpoint written yet)"
         raise NonFiniteLoss(f"{e}{kept}; try a lower --lr, --clip-grad or --amp bf16") from None
 
+    steps_per_rank = distributed.gather_objects(state.global_step, d)  # equal, or a rank would have hung
     final = history[-1] if history else {}
     summary = {
         "best_val_top1": best if best != float("-inf") else None,
@@ -338,6 +340,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         "seconds": time.time() - t_start,
         "world_size": d.world_size,
         "global_batch": global_batch,
+        "steps_per_rank": steps_per_rank,
         "tensorboard": os.path.join(cfg.output, "tb"),
     }
     reporter.summary(summary)

@@ -123,7 +123,7 @@ def _load(path: str) -> _Data:
     for split, batches in BATCHES.items():
         images, labels, rows = [], [], []
         for b in batches:
-            d = _unpickle(raw[b], b)
+            d = _unpickle(raw.pop(b), b)  # pop: free each batch's bytes once unpickled
             data, lab = d.get("data"), d.get("labels")
             if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
                 raise Cifar10Error(f"{path}: {b} has no uint8 N x 3072 'data' array")
