@@ -92,6 +92,7 @@ def batches_forever(kind: str, cfg: dict):
             image_size=cfg["image_size"],
             split=cfg["split"],
             dtype=cfg["dtype"],
+            options=cfg["options"].get(kind, {}),
         )
         epoch = 0
         while True:
@@ -213,6 +214,7 @@ def print_table(results: list[dict], title: str) -> None:
         "batch p50 ms",
         "batch p99 ms",
         "CPU cores",
+        "CPU ms/image",
         "peak RSS MB",
         "peak PSS MB",
     ):
@@ -235,6 +237,20 @@ def print_table(results: list[dict], title: str) -> None:
             str(r["peak_pss_mb"]),
         )
     Console(width=160).print(table)
+
+
+def parse_options(values: tuple[str, ...]) -> dict[str, dict]:
+    """("dali.antialias=true", "pytorch.workers=3") -> {"dali": {"antialias": True}, "pytorch": {"workers": 3}}."""
+    out: dict[str, dict] = {}
+    for v in values:
+        key, sep, raw = v.partition("=")
+        backend, dot, name = key.partition(".")
+        if not (sep and dot and backend in BACKENDS and name):
+            raise click.BadParameter(f"{v!r}: use BACKEND.NAME=VALUE, e.g. dali.antialias=true", param_hint="--option")
+        low = raw.lower()
+        value = low == "true" if low in ("true", "false") else json.loads(raw) if raw[:1].isdigit() else raw
+        out.setdefault(backend, {})[name] = value
+    return out
 
 
 def split_backends(values: tuple[str, ...]) -> list[str]:
@@ -295,6 +311,14 @@ def split_backends(values: tuple[str, ...]) -> list[str]:
 )
 @click.option("--copies", default=10, show_default=True, help="With --build-from: times each photo is repeated.")
 @click.option("--shard-samples", default=128, show_default=True, help="With --build-from: samples per shard.")
+@click.option(
+    "--option",
+    "backend_options",
+    multiple=True,
+    metavar="BACKEND.NAME=VALUE",
+    help="A backend knob (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions), e.g. dali.antialias=true; "
+    "repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help='End the output with one line {"results": [...]}.')
 def main(
     spec,
@@ -313,6 +337,7 @@ def main(
     build_from,
     copies,
     shard_samples,
+    backend_options,
     as_json,
 ) -> None:
     """Measure loader throughput: the chosen backends, the ImageFolder baseline, optionally the synthetic ceiling."""
@@ -336,6 +361,7 @@ def main(
         image_size=image_size,
         dtype=dtype,
         eval=eval_,
+        options=parse_options(backend_options),
     )
     tmp = None
     if not no_baseline:

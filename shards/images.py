@@ -74,6 +74,9 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        # PIL's message names the BytesIO's memory address, which would differ on every run.
+        raise BadImage("not an image: no known image format in the bytes") from None
     except Exception as e:  # PIL raises many types for garbage input
         raise BadImage(f"not an image: {type(e).__name__}: {e}") from None
 

@@ -310,3 +310,43 @@ def test_s3_specs(s3_shards, backend):
         ld = loader(spec, backend, batch_size=4)
         assert ld.num_classes == 24
         assert sorted(labels_of(ld)) == list(range(24)), spec
+
+
+def _ddp_rank(rank: int, world: int, spec: str, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ld = make_loader(spec, batch_size=5, train=False, backend="dali", rank=rank, world_size=world, image_size=32)
+    got = []
+    for _, labels, valid in ld.with_valid():
+        dist.all_reduce(torch.ones(1))  # one collective per batch: a rank short of batches would hang here
+        got += labels[valid].tolist()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, got)
+    if rank == 0:
+        queue.put(everyone)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gloo_ranks_never_hang_and_read_every_sample_once(shard_dir):
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, 3, str(shard_dir), port, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        everyone = queue.get(timeout=180)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert sorted(label for part in everyone for label in part) == list(range(24))

@@ -137,7 +137,7 @@ def test_torchrun_two_ranks_uneven_shards_equal_steps_and_exact_eval(photos, tmp
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     # 48 train samples in shards of 7 (uneven), batch 4 per rank; 24 val samples in 4 shards.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "-m", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
            "--data", str(photos), *TINY, "--batch-size", "4", "--epochs", "1", "--output", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
