@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m flows build-shards --dataset demo --output data/demo --shard-samples 500
 	$(BIN)/python -m shards verify data/demo
+	$(BIN)/python -m train --data data/demo --preset demo --output runs/demo
+	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); \
+	print(f\"demo: val top-1 {s['final_val_top1']:.1f}% (best {s['best_val_top1']:.1f}%) in {s['seconds']:.0f} s; \
+	TensorBoard: tensorboard --logdir {s['tensorboard']}\")"
 
 test: install
 	$(BIN)/ruff check .

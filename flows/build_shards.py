@@ -14,6 +14,7 @@ after a crash reuses every shard already published (shards/build.py's resume rec
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -96,8 +97,13 @@ class Progress:
         with self._lock:
             self.done[rec.name] = rec  # by name: a retried batch does not count its shards twice
             self.last_end[rec.split] = time.perf_counter()
-            pct = 100.0 * len(self.done) / self.total
-            update_progress_artifact(self.artifact_id, pct, description=f"{len(self.done)} of {self.total} shards")
+            done = len(self.done)
+        try:
+            update_progress_artifact(
+                self.artifact_id, 100.0 * done / self.total, description=f"{done} of {self.total} shards"
+            )
+        except Exception as e:  # a busy server must not fail a written shard; the next update catches up
+            get_run_logger().warning("progress artifact not updated: %s", e)
 
     def split_seconds(self) -> dict[str, float]:
         return {s: self.last_end[s] - t for s, t in self.first_start.items() if s in self.last_end}
@@ -183,6 +189,33 @@ def rows_from_manifest(plan: Plan, manifest: dict) -> list[dict]:
     return rows
 
 
+def write_all(
+    job: Prepared, options: Options, workers: int, log: logging.LoggerAdapter
+) -> tuple[list[ShardRecord], dict[str, float]]:
+    """Run the write-shards tasks, `workers` at a time; returns every shard's record and each split's seconds."""
+    plan = job.plan
+    progress = Progress(len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+    workers = min(workers, len(plan.shards))  # no idle processes for a small set
+    groups = batches(plan.shards, workers)
+    log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
+    pool = ShardPool(job.source, workers) if workers > 1 else None
+    try:
+        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+            # quote(): hand the objects over as they are, without Prefect walking every item in them.
+            shared = {"job": quote(job), "options": options, "pool": quote(pool), "progress": quote(progress)}
+            futures = [
+                runner.submit(write_batch, {"label": batch_label(g), "specs": quote(g), **shared}) for g in groups
+            ]
+            for f in futures:
+                f.wait()
+            # Every batch ran to its end first, so a failure leaves all the other shards reusable.
+            records = [r for f in futures for r in f.result()]
+    finally:
+        if pool is not None:
+            pool.close()
+    return records, progress.split_seconds()
+
+
 @flow(name="build-shards", description="Dataset to verified, shuffled WebDataset shards with DALI indexes.")
 def build_shards(
     dataset: str,
@@ -225,38 +258,9 @@ def build_shards(
         log.info("%s already holds this complete set; nothing to do", job.storage.root)
         rows = rows_from_manifest(plan, job.done)
     else:
-        progress = Progress(
-            len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written")
-        )
-        workers = min(workers, len(plan.shards))  # no idle processes for a small set
-        groups = batches(plan.shards, workers)
-        log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
-        pool = ShardPool(job.source, workers) if workers > 1 else None
-        try:
-            with ThreadPoolTaskRunner(max_workers=workers) as runner:
-                futures = [
-                    runner.submit(
-                        write_batch,
-                        {
-                            "label": batch_label(g),
-                            "specs": quote(g),
-                            "job": quote(job),
-                            "options": options,
-                            "pool": quote(pool),
-                            "progress": quote(progress),
-                        },
-                    )
-                    for g in groups
-                ]
-                for f in futures:
-                    f.wait()
-                # Every batch ran to its end first, so a failure leaves all other shards reusable.
-                records = [r for f in futures for r in f.result()]
-        finally:
-            if pool is not None:
-                pool.close()
+        records, seconds = write_all(job, options, workers, log)
         finish_set(quote(job), quote(records), p.ext)
-        rows = summary_rows(plan, records, progress.split_seconds())
+        rows = summary_rows(plan, records, seconds)
 
     quarantined = sum(r["quarantined"] for r in rows)
     if quarantined:

@@ -59,8 +59,8 @@ class TorchOptions:
 
 
 # One row of the plan as the workers need it: no index lookups in the workers.
-# (shard number, sample number, image offset, image size, label offset)
-Row = tuple[int, int, int, int, int]
+# (shard number, sample number, image offset, image size, label offset, augmentation seed)
+Row = tuple[int, int, int, int, int, int]
 
 
 class ShardRows(Dataset):
@@ -86,11 +86,18 @@ class ShardRows(Dataset):
         return f.read(size)
 
     def __getitem__(self, row: Row) -> tuple[torch.Tensor, int]:
-        shard, sample, offset, size, label_offset = row
+        shard, sample, offset, size, label_offset, aug_seed = row
         label = int.from_bytes(self._read(shard, label_offset, 8), "little", signed=True)
         try:
             data = self._read(shard, offset, size)
-            image = self.augment(data) if self.train else self.center(data)
+            if self.train:
+                # The crop and flip of a sample depend on (seed, epoch, sample) only, not on which
+                # worker drew it or on what came before: a resumed epoch repeats them exactly.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(aug_seed)
+                    image = self.augment(data)
+            else:
+                image = self.center(data)
         except Exception as e:
             key = Shard(self.urls[shard], self.index_urls[shard], 0).key(sample)
             raise DecodeError(self.urls[shard], key, f"{type(e).__name__}: {e}") from None
@@ -217,17 +224,17 @@ class TorchBackend:
             )
         return self._loader
 
-    def _rows(self, plan: EpochPlan) -> list[list[Row]]:
+    def _rows(self, plan: EpochPlan, epoch: int) -> list[list[Row]]:
         rows: list[Row] = []
         for s, i in zip(plan.shard.tolist(), plan.sample.tolist(), strict=True):
             idx = self.shards[s].index()
-            rows.append((s, i, int(idx.image_offset[i]), int(idx.image_size[i]), int(idx.label_offset[i])))
+            aug_seed = hash((self.seed, epoch, s, i)) & 0x7FFFFFFFFFFF  # ints hash the same in every process
+            rows.append((s, i, int(idx.image_offset[i]), int(idx.image_size[i]), int(idx.label_offset[i]), aug_seed))
         b = self.batch_size
         return [rows[k : k + b] for k in range(0, len(rows), b)]
 
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        torch.manual_seed(hash((self.seed, epoch, self.rank)) & 0x7FFFFFFF)  # augmentations in-process (workers=0)
-        self.sampler.rows = self._rows(plan)
+        self.sampler.rows = self._rows(plan, epoch)
         non_blocking = self.device.type == "cuda"
         for images, labels in self._dataloader():
             images = images.to(self.device, non_blocking=non_blocking)

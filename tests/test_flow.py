@@ -231,6 +231,18 @@ def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
     assert read_manifest(str(out))["splits"]["train"]["samples"] == 20
 
 
+def test_cli_reports_a_bad_source_in_one_final_line(prefect_harness, tmp_path, capsys):
+    """A source that fails while indexing (here: an empty image folder) ends with one error line, exit 1."""
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["build-shards", "--dataset", "imagefolder", "--source", str(tmp_path / "empty"), "--output", str(out)])
+    assert e.value.code == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: build-shards failed: ImageFolderError: no class folders in"), last
+    assert not (out / "manifest.json").exists()
+
+
 BAD_OPTIONS = {
     "unknown dataset": (["--dataset", "mnist"], "--dataset 'mnist': unknown"),
     "both sizes": (["--dataset", "demo", "--shard-size", "1GB", "--shard-samples", "10"], "exclude each other"),

@@ -17,18 +17,34 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from helpers import build_photo_shards
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--arch", "train.nets:NarrowResNet", "--image-size", "32", "--batch-size", "8", "--workers", "0",
-        "--backend", "pytorch", "--lr", "0.4", "--warmup-epochs", "0", "--progress", "never"]
+TINY = [
+    "--arch",
+    "train.nets:NarrowResNet",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--backend",
+    "pytorch",
+    "--lr",
+    "0.4",
+    "--warmup-epochs",
+    "0",
+    "--progress",
+    "never",
+]
 
 
 def run_train(*args: str, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    p = subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"train exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
@@ -56,9 +72,33 @@ def photos(tmp_path_factory) -> Path:
 
 def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, err = train_in_process(capsys, "--data", str(photos), "--arch", "resnet18", "--stem", "standard", "--image-size", "32",
-              "--batch-size", "8", "--workers", "0", "--backend", "pytorch", "--epochs", "2", "--warmup-epochs", "1",
-              "--output", str(out), "--progress", "never", "--ema", "0.9")
+    rc, err = train_in_process(
+        capsys,
+        "--data",
+        str(photos),
+        "--arch",
+        "resnet18",
+        "--stem",
+        "standard",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--backend",
+        "pytorch",
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--output",
+        str(out),
+        "--progress",
+        "never",
+        "--ema",
+        "0.9",
+    )
     assert rc == 0, err
     lines = read_metrics(out)
     assert [m["epoch"] for m in lines] == [0, 1]
@@ -103,15 +143,16 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(photos, tmp_path):
     killed = tmp_path / "killed"
     args = [*common, "--output", str(killed), "--checkpoint-minutes", "0.0001"]  # a checkpoint every step
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     last = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 180
     try:
         while time.time() < deadline:  # wait for a mid-epoch checkpoint in epoch 1 (after one finished epoch)
             if last.exists():
                 ck = torch.load(last, map_location="cpu", weights_only=False)
-                if ck["epoch"] == 1 and 0 < ck["batches"]:
+                if ck["epoch"] == 1 and ck["batches"] > 0:
                     break
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
@@ -137,8 +178,24 @@ def test_torchrun_two_ranks_uneven_shards_equal_steps_and_exact_eval(photos, tmp
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     # 48 train samples in shards of 7 (uneven), batch 4 per rank; 24 val samples in 4 shards.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
-           "--data", str(photos), *TINY, "--batch-size", "4", "--epochs", "1", "--output", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "train",
+        "--data",
+        str(photos),
+        *TINY,
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--output",
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -147,8 +204,18 @@ def test_torchrun_two_ranks_uneven_shards_equal_steps_and_exact_eval(photos, tmp
     assert len(steps) == 2 and steps[0] == steps[1] == 48 // 8  # floor(48 / 2 / 4) batches each
     ddp_top1 = read_metrics(out)[-1]["val_top1"]
 
-    single = run_train("--evaluate", str(out / "checkpoints" / "last.pt"), "--data", str(photos), "--batch-size", "5",
-                       "--workers", "0", "--backend", "pytorch")
+    single = run_train(
+        "--evaluate",
+        str(out / "checkpoints" / "last.pt"),
+        "--data",
+        str(photos),
+        "--batch-size",
+        "5",
+        "--workers",
+        "0",
+        "--backend",
+        "pytorch",
+    )
     result = json.loads(single.stdout.strip().splitlines()[-1])
     assert result["val_samples"] == 24  # every val sample once, padding left out
     assert result["val_top1"] == ddp_top1
@@ -156,8 +223,9 @@ def test_torchrun_two_ranks_uneven_shards_equal_steps_and_exact_eval(photos, tmp
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(photos, tmp_path, capsys):
     out = tmp_path / "nan"
-    rc, stderr = train_in_process(capsys, "--data", str(photos), *TINY, "--arch", "train_nets:NaNAfterSix",
-                                  "--epochs", "3", "--output", str(out))
+    rc, stderr = train_in_process(
+        capsys, "--data", str(photos), *TINY, "--arch", "train_nets:NaNAfterSix", "--epochs", "3", "--output", str(out)
+    )
     assert rc == 3, stderr
     err = stderr.strip().splitlines()[-1]
     assert "non-finite loss" in err and "last good checkpoint" in err and "epoch 1" in err

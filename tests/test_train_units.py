@@ -106,9 +106,10 @@ def test_no_weight_decay_on_bias_and_norm():
     model = build_model("resnet18", 10, stem="standard", image_size=224)
     decay, no_decay = param_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in no_decay["params"]} == {id(model.fc.bias), *[id(p) for m in model.modules()
-                                                                       if isinstance(m, nn.BatchNorm2d)
-                                                                       for p in m.parameters()]}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model.fc.bias),
+        *[id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()],
+    }
     assert any(p is model.fc.weight for p in decay["params"])
     opt = make_optimizer(model, "sgd", 0.4, 1e-4, nesterov=True)
     assert opt.param_groups[0]["nesterov"] and len(opt.param_groups) == 2

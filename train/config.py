@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 ARCH_HELP = "torchvision classification model name (resnet50, alexnet, ...) or package.module:Class"
 
@@ -70,7 +70,6 @@ class Config:
     seed: int = 0
     log_every: int = 20
     progress: str = "auto"
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,56 +123,276 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _spec(value: str) -> list[str]:
-    return [value]
-
-
 # (flags, Config field, argparse kwargs). Help strings end with the default, added below.
 OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
     # data
-    (("--data",), "data", dict(metavar="DIR", help="folder (or URL) holding manifest.json: train and val splits and the classes come from it")),
-    (("--shards",), "shards", dict(metavar="SPEC", nargs="+", help="training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs")),
-    (("--val-shards",), "val_shards", dict(metavar="SPEC", nargs="+", help="validation shards, as --shards; without them (and without --data) no validation is run")),
-    (("--num-classes",), "num_classes", dict(type=int, metavar="C", help="number of classes; read from the manifest when there is one, needed when there is none")),
-    (("--backend",), "backend", dict(choices=["auto", "dali", "pytorch"], help="loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)")),
+    (
+        ("--data",),
+        "data",
+        dict(
+            metavar="DIR",
+            help="folder (or URL) holding manifest.json: train and val splits and the classes come from it",
+        ),
+    ),
+    (
+        ("--shards",),
+        "shards",
+        dict(
+            metavar="SPEC",
+            nargs="+",
+            help="training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs",
+        ),
+    ),
+    (
+        ("--val-shards",),
+        "val_shards",
+        dict(
+            metavar="SPEC",
+            nargs="+",
+            help="validation shards, as --shards; without them (and without --data) no validation is run",
+        ),
+    ),
+    (
+        ("--num-classes",),
+        "num_classes",
+        dict(
+            type=int,
+            metavar="C",
+            help="number of classes; read from the manifest when there is one, needed when there is none",
+        ),
+    ),
+    (
+        ("--backend",),
+        "backend",
+        dict(
+            choices=["auto", "dali", "pytorch"],
+            help="loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)",
+        ),
+    ),
     (("--workers",), "workers", dict(type=int, metavar="N", help="loader worker threads/processes per rank")),
-    (("--image-size",), "image_size", dict(type=int, metavar="PX", help="side of the square crop the model sees (train: random-resized-crop; val: resize to size/0.875, center crop)")),
+    (
+        ("--image-size",),
+        "image_size",
+        dict(
+            type=int,
+            metavar="PX",
+            help="side of the square crop the model sees (train: random-resized-crop; val: resize to size/0.875, center crop)",
+        ),
+    ),
     # model
     (("--arch",), "arch", dict(metavar="NAME", help=ARCH_HELP + "; a custom Class is called as Class(num_classes=C)")),
-    (("--stem",), "stem", dict(choices=["auto", "standard", "small"], help="input stem: standard (torchvision's), small (3x3 stride-1 first conv, no max-pool, for 32-64 px data), auto (small when --image-size <= 64)")),
-    (("--no-zero-init-residual",), "zero_init_residual", dict(action="store_false", default=None, help="keep the default init of each residual block's last BN gamma instead of zero (zero-init is a Bag of Tricks item)")),
+    (
+        ("--stem",),
+        "stem",
+        dict(
+            choices=["auto", "standard", "small"],
+            help="input stem: standard (torchvision's), small (3x3 stride-1 first conv, no max-pool, for 32-64 px data), auto (small when --image-size <= 64)",
+        ),
+    ),
+    (
+        ("--no-zero-init-residual",),
+        "zero_init_residual",
+        dict(
+            action="store_false",
+            default=None,
+            help="keep the default init of each residual block's last BN gamma instead of zero (zero-init is a Bag of Tricks item)",
+        ),
+    ),
     # recipe
     (("--epochs",), "epochs", dict(type=int, metavar="N", help="training epochs")),
-    (("--batch-size",), "batch_size", dict(type=int, metavar="N", help="images per optimizer step PER PROCESS (per GPU); the global batch is this x world size")),
-    (("--accum-steps",), "accum_steps", dict(type=int, metavar="K", help="gradient accumulation: each step runs K forward/backward passes of batch-size/K images (must divide --batch-size)")),
+    (
+        ("--batch-size",),
+        "batch_size",
+        dict(
+            type=int,
+            metavar="N",
+            help="images per optimizer step PER PROCESS (per GPU); the global batch is this x world size",
+        ),
+    ),
+    (
+        ("--accum-steps",),
+        "accum_steps",
+        dict(
+            type=int,
+            metavar="K",
+            help="gradient accumulation: each step runs K forward/backward passes of batch-size/K images (must divide --batch-size)",
+        ),
+    ),
     (("--optimizer",), "optimizer", dict(choices=["sgd", "adamw"], help="SGD with momentum, or AdamW")),
-    (("--lr",), "lr", dict(type=float, metavar="LR", help="base learning rate for a global batch of 256; the peak lr is LR x global_batch / 256")),
+    (
+        ("--lr",),
+        "lr",
+        dict(
+            type=float,
+            metavar="LR",
+            help="base learning rate for a global batch of 256; the peak lr is LR x global_batch / 256",
+        ),
+    ),
     (("--momentum",), "momentum", dict(type=float, metavar="M", help="SGD momentum (AdamW: beta1)")),
     (("--nesterov",), "nesterov", dict(action="store_true", default=None, help="Nesterov momentum for SGD")),
-    (("--wd",), "wd", dict(type=float, metavar="WD", help="weight decay, applied to weights only (never to biases or norm layers)")),
-    (("--warmup-epochs",), "warmup_epochs", dict(type=float, metavar="E", help="linear warmup from 0 to the peak lr over E epochs (per iteration), then cosine decay")),
-    (("--min-lr",), "min_lr", dict(type=float, metavar="LR", help="learning rate at the end of the cosine decay (absolute, not scaled)")),
-    (("--label-smoothing",), "label_smoothing", dict(type=float, metavar="EPS", help="label smoothing of the cross-entropy targets")),
-    (("--mixup",), "mixup", dict(type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA) weights; 0 disables (with --cutmix too, each batch picks one)")),
-    (("--cutmix",), "cutmix", dict(type=float, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA) box areas; 0 disables")),
-    (("--ema",), "ema", dict(type=float, metavar="DECAY", help="keep an exponential moving average of the weights with this decay per step (e.g. 0.9998), evaluated beside the model; 0 disables")),
-    (("--clip-grad",), "clip_grad", dict(type=float, metavar="NORM", help="clip the global gradient norm to NORM; 0 disables")),
+    (
+        ("--wd",),
+        "wd",
+        dict(type=float, metavar="WD", help="weight decay, applied to weights only (never to biases or norm layers)"),
+    ),
+    (
+        ("--warmup-epochs",),
+        "warmup_epochs",
+        dict(
+            type=float,
+            metavar="E",
+            help="linear warmup from 0 to the peak lr over E epochs (per iteration), then cosine decay",
+        ),
+    ),
+    (
+        ("--min-lr",),
+        "min_lr",
+        dict(type=float, metavar="LR", help="learning rate at the end of the cosine decay (absolute, not scaled)"),
+    ),
+    (
+        ("--label-smoothing",),
+        "label_smoothing",
+        dict(type=float, metavar="EPS", help="label smoothing of the cross-entropy targets"),
+    ),
+    (
+        ("--mixup",),
+        "mixup",
+        dict(
+            type=float,
+            metavar="ALPHA",
+            help="mixup with Beta(ALPHA, ALPHA) weights; 0 disables (with --cutmix too, each batch picks one)",
+        ),
+    ),
+    (
+        ("--cutmix",),
+        "cutmix",
+        dict(type=float, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA) box areas; 0 disables"),
+    ),
+    (
+        ("--ema",),
+        "ema",
+        dict(
+            type=float,
+            metavar="DECAY",
+            help="keep an exponential moving average of the weights with this decay per step (e.g. 0.9998), evaluated beside the model; 0 disables",
+        ),
+    ),
+    (
+        ("--clip-grad",),
+        "clip_grad",
+        dict(type=float, metavar="NORM", help="clip the global gradient norm to NORM; 0 disables"),
+    ),
     # speed
-    (("--amp",), "amp", dict(choices=["auto", "bf16", "fp16", "none"], help="mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, none; auto = bf16 on GPUs that support it, fp16 on older GPUs, none on CPU")),
-    (("--channels-last",), "channels_last", dict(action="store_true", default=None, help="channels-last memory format for model and images (faster convolutions on tensor cores)")),
+    (
+        ("--amp",),
+        "amp",
+        dict(
+            choices=["auto", "bf16", "fp16", "none"],
+            help="mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, none; auto = bf16 on GPUs that support it, fp16 on older GPUs, none on CPU",
+        ),
+    ),
+    (
+        ("--channels-last",),
+        "channels_last",
+        dict(
+            action="store_true",
+            default=None,
+            help="channels-last memory format for model and images (faster convolutions on tensor cores)",
+        ),
+    ),
     (("--compile",), "compile", dict(action="store_true", default=None, help="torch.compile the model")),
-    (("--sync-bn",), "sync_bn", dict(action="store_true", default=None, help="synchronize BatchNorm statistics across ranks (needs GPUs)")),
+    (
+        ("--sync-bn",),
+        "sync_bn",
+        dict(action="store_true", default=None, help="synchronize BatchNorm statistics across ranks (needs GPUs)"),
+    ),
     # run
-    (("--preset",), "preset", dict(choices=sorted(PRESETS), help="a named recipe: " + "; ".join(f"{k}: {v['arch']} at {v['image_size']} px, {v['epochs']} epochs, batch {v['batch_size']}" for k, v in PRESETS.items()) + "; flags given explicitly override it")),
-    (("--output",), "output", dict(metavar="DIR", help="run folder: checkpoints/{last,best}.pt, metrics.jsonl, summary.json, tb/ (TensorBoard)")),
-    (("--resume",), "resume", dict(metavar="CKPT", nargs="?", const="auto", help="resume from CKPT (or, without a value, OUTPUT/checkpoints/last.pt), mid-epoch included; a run resumes from OUTPUT/checkpoints/last.pt by default anyway")),
-    (("--no-auto-resume",), "no_auto_resume", dict(action="store_true", default=None, help="start afresh even when OUTPUT/checkpoints/last.pt exists (it is overwritten)")),
-    (("--checkpoint-minutes",), "checkpoint_minutes", dict(type=float, metavar="MIN", help="also write last.pt every MIN minutes mid-epoch (it is always written at each epoch end); 0 = only at epoch ends")),
-    (("--evaluate",), "evaluate", dict(metavar="CKPT", help="only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5")),
-    (("--deterministic",), "deterministic", dict(action="store_true", default=None, help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine")),
-    (("--seed",), "seed", dict(type=int, metavar="N", help="seed for the model init, the data order and augmentation, mixup/cutmix")),
-    (("--log-every",), "log_every", dict(type=int, metavar="STEPS", help="update the progress bar and TensorBoard step scalars every STEPS optimizer steps")),
-    (("--progress",), "progress", dict(choices=["auto", "always", "never"], help="progress bar on rank 0: auto shows it when stderr is a terminal")),
+    (
+        ("--preset",),
+        "preset",
+        dict(
+            choices=sorted(PRESETS),
+            help="a named recipe: "
+            + "; ".join(
+                f"{k}: {v['arch']} at {v['image_size']} px, {v['epochs']} epochs, batch {v['batch_size']}"
+                for k, v in PRESETS.items()
+            )
+            + "; flags given explicitly override it",
+        ),
+    ),
+    (
+        ("--output",),
+        "output",
+        dict(
+            metavar="DIR", help="run folder: checkpoints/{last,best}.pt, metrics.jsonl, summary.json, tb/ (TensorBoard)"
+        ),
+    ),
+    (
+        ("--resume",),
+        "resume",
+        dict(
+            metavar="CKPT",
+            nargs="?",
+            const="auto",
+            help="resume from CKPT (or, without a value, OUTPUT/checkpoints/last.pt), mid-epoch included; a run resumes from OUTPUT/checkpoints/last.pt by default anyway",
+        ),
+    ),
+    (
+        ("--no-auto-resume",),
+        "no_auto_resume",
+        dict(
+            action="store_true",
+            default=None,
+            help="start afresh even when OUTPUT/checkpoints/last.pt exists (it is overwritten)",
+        ),
+    ),
+    (
+        ("--checkpoint-minutes",),
+        "checkpoint_minutes",
+        dict(
+            type=float,
+            metavar="MIN",
+            help="also write last.pt every MIN minutes mid-epoch (it is always written at each epoch end); 0 = only at epoch ends",
+        ),
+    ),
+    (
+        ("--evaluate",),
+        "evaluate",
+        dict(
+            metavar="CKPT",
+            help="only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5",
+        ),
+    ),
+    (
+        ("--deterministic",),
+        "deterministic",
+        dict(
+            action="store_true",
+            default=None,
+            help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine",
+        ),
+    ),
+    (
+        ("--seed",),
+        "seed",
+        dict(type=int, metavar="N", help="seed for the model init, the data order and augmentation, mixup/cutmix"),
+    ),
+    (
+        ("--log-every",),
+        "log_every",
+        dict(
+            type=int,
+            metavar="STEPS",
+            help="update the progress bar and TensorBoard step scalars every STEPS optimizer steps",
+        ),
+    ),
+    (
+        ("--progress",),
+        "progress",
+        dict(
+            choices=["auto", "always", "never"], help="progress bar on rank 0: auto shows it when stderr is a terminal"
+        ),
+    ),
 ]
 
 
@@ -244,7 +463,9 @@ def check_arch(arch: str) -> None:
     if arch not in names:
         close = [n for n in names if n.startswith(arch[:4])][:6]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ConfigError(f"unknown --arch {arch!r}: not a torchvision classification model nor package.module:Class{hint}")
+        raise ConfigError(
+            f"unknown --arch {arch!r}: not a torchvision classification model nor package.module:Class{hint}"
+        )
 
 
 def validate(cfg: Config) -> None:
@@ -291,7 +512,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or none")
     if cfg.compile and not hasattr(torch, "compile"):
         raise ConfigError("--compile needs torch.compile (torch >= 2.0)")
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(Config)]

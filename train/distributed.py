@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -84,6 +84,21 @@ def any_ranks(flags: list[bool | torch.Tensor], d: Dist) -> list[bool]:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def average_buffers(model: torch.nn.Module, d: Dist) -> None:
+    """Average floating-point buffers (BatchNorm running stats) over ranks, in place.
+
+    Each rank updates its running statistics from its own batches, so after an epoch they
+    differ; evaluating or saving without this would make rank 0's checkpoint disagree with
+    what the other ranks evaluated (timm's distribute_bn does the same).
+    """
+    if not d.enabled:
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    for b in bufs:
+        dist.all_reduce(b, op=dist.ReduceOp.SUM)
+        b.div_(d.world_size)
 
 
 def gather_objects(obj: object, d: Dist) -> list:

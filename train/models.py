@@ -82,7 +82,12 @@ def check_collapse(model: nn.Module, image_size: int, arch: str = "") -> None:
         entered.append(names.get(mod, "?"))
 
     def post(mod: nn.Module, inp: tuple, out: object) -> None:
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and (out.shape[-1] == 0 or out.shape[-2] == 0) and not empty:
+        if (
+            isinstance(out, torch.Tensor)
+            and out.dim() == 4
+            and (out.shape[-1] == 0 or out.shape[-2] == 0)
+            and not empty
+        ):
             shape = tuple(inp[0].shape[-2:]) if inp and isinstance(inp[0], torch.Tensor) else ()
             empty.append((names.get(mod, "?"), shape))
 

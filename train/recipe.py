@@ -100,7 +100,9 @@ class MixupCutmix:
             lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
         else:
             images = images * lam + flipped * (1 - lam)
-        one_hot = nn.functional.one_hot(labels, self.num_classes).to(images.dtype if images.is_floating_point() else torch.float32)
+        one_hot = nn.functional.one_hot(labels, self.num_classes).to(
+            images.dtype if images.is_floating_point() else torch.float32
+        )
         targets = one_hot * lam + one_hot.flip(0) * (1 - lam)
         return images, targets
 

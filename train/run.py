@@ -21,7 +21,7 @@ from train import checkpoint as ckpt_io
 from train import distributed
 from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
-from train.models import CollapseError, build_model, check_collapse, unwrap, uses_small_stem
+from train.models import CollapseError, build_model, check_collapse, uses_small_stem
 from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
 from train.report import Reporter
 
@@ -59,7 +59,7 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
             batch_size=batch_size,
             train=train,
             backend=cfg.backend,
-            device="cuda" if d.device.type == "cuda" else "cpu",
+            device=str(d.device),  # "cuda:N" names this rank's GPU, for DALI too
             rank=d.rank,
             world_size=d.world_size,
             seed=cfg.seed,
@@ -81,10 +81,14 @@ def make_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
             val_spec = cfg.val_shards if len(cfg.val_shards) > 1 else cfg.val_shards[0]
     train_loader = None
     if not cfg.evaluate:
-        train_loader = _loader(cfg, d, train_spec, train=True, batch_size=micro_batch, split="train" if cfg.data else None)
+        train_loader = _loader(
+            cfg, d, train_spec, train=True, batch_size=micro_batch, split="train" if cfg.data else None
+        )
     val_loader = None
     if val_spec is not None:
-        val_loader = _loader(cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split="val" if cfg.data else None)
+        val_loader = _loader(
+            cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split="val" if cfg.data else None
+        )
     return train_loader, val_loader
 
 
@@ -267,7 +271,9 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         last_save[0] = time.monotonic()
 
     def want_checkpoint() -> bool:
-        return d.is_main and cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] >= cfg.checkpoint_minutes * 60
+        return (
+            d.is_main and cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] >= cfg.checkpoint_minutes * 60
+        )
 
     def on_step(st: EpochState, loss: float, group: int) -> None:
         due = st.global_step == 1 or st.global_step % cfg.log_every == 0
@@ -286,8 +292,9 @@ def train(cfg: Config, d: distributed.Dist) -> int:
             epoch = state.epoch
             train_loader.set_epoch(epoch)  # keeps a resumed position within this epoch
             reporter.start_epoch(epoch, batches, state.batches)
-            trainer.train_epoch(train_loader, state, want_checkpoint=want_checkpoint, save_checkpoint=save_last,
-                                on_step=on_step)
+            trainer.train_epoch(
+                train_loader, state, want_checkpoint=want_checkpoint, save_checkpoint=save_last, on_step=on_step
+            )
             reporter.end_epoch()
             loss_sum, seen, seconds, wait = distributed.all_reduce_sum(
                 [state.loss_sum, state.seen, state.seconds, state.wait_seconds], d
@@ -303,6 +310,9 @@ def train(cfg: Config, d: distributed.Dist) -> int:
                 "data_wait": wait / max(seconds, 1e-9),
                 "epoch_seconds": seconds / d.world_size,
             }
+            distributed.average_buffers(raw, d)  # one set of BN statistics: what every rank evaluates and saves
+            if ema is not None:
+                distributed.average_buffers(ema.module, d)
             if val_loader is not None:
                 val = evaluate(eval_model, val_loader, d, amp, cfg.channels_last)
                 line.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
@@ -344,8 +354,10 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         "tensorboard": os.path.join(cfg.output, "tb"),
     }
     reporter.summary(summary)
-    metrics = {f"hparam/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k.endswith(("top1", "loss"))}
-    reporter.hparams({k: v for k, v in cfg.to_dict().items() if v is not None and k != "extra"}, metrics)
+    metrics = {
+        f"hparam/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k.endswith(("top1", "loss"))
+    }
+    reporter.hparams({k: v for k, v in cfg.to_dict().items() if v is not None}, metrics)
     reporter.log(
         f"done: final val top-1 {summary['final_val_top1']}, best {summary['best_val_top1']}, "
         f"{summary['seconds']:.0f} s; TensorBoard: tensorboard --logdir {summary['tensorboard']}"
@@ -396,7 +408,9 @@ def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     if d.is_main:
         import json
 
-        print(f"val top-1 {result['val_top1']:.2f}%, top-5 {result['val_top5']:.2f}% on {result['val_samples']} images",
-              file=sys.stderr)
+        print(
+            f"val top-1 {result['val_top1']:.2f}%, top-5 {result['val_top5']:.2f}% on {result['val_samples']} images",
+            file=sys.stderr,
+        )
         print(json.dumps(result))
     return 0
