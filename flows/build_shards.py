@@ -147,6 +147,11 @@ def write_batch(
 
 @task(name="finish", retries=2, retry_delay_seconds=3, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
 def finish_set(job: Prepared, records: list[ShardRecord], image_ext: str) -> dict:
+    # A worker process that died mid-shard (the retry rewrote that shard) left its temporary
+    # files; nothing is writing now, so they can go before the manifest says "complete".
+    removed = job.storage.clean_temporaries()
+    if removed:
+        get_run_logger().info("removed %d partial files left by failed attempts", len(removed))
     return finish(job.storage, job.source, job.plan, records, image_ext)
 
 

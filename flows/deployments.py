@@ -5,6 +5,9 @@ can be overridden per run, so the parameters mirror the CLI options:
 
     prefect deployment run build-shards/imagenet -p source=/data/ilsvrc -p output=/ssd/imagenet --watch
     prefect deployment run build-shards/demo -p output=/tmp/demo -p shard_samples=500 --watch
+
+Dataset-specific values only fill in `dataset` (and PNG for CIFAR-10); everything else keeps
+the flow's defaults, so a deployment run and the same CLI command build the same bytes.
 """
 
 from __future__ import annotations
@@ -15,19 +18,21 @@ from prefect.deployments.runner import RunnerDeployment
 from flows.build_shards import build_shards
 
 # Defaults per dataset, on top of the flow's own (see `python -m flows build-shards --help`).
-# source and output have no default (demo needs no source): they are given per run.
+# source and output have no default (demo needs no source): they are given per run. No shard
+# size is set here: shard_size and shard_samples exclude each other, so a default for one
+# would make a run that gives the other fail.
 DEFAULTS: dict[str, dict] = {
-    "imagenet": {"dataset": "imagenet", "verify": "decode"},
-    "imagefolder": {"dataset": "imagefolder", "verify": "decode"},
-    "cifar10": {"dataset": "cifar10", "image_ext": "png", "shard_samples": 10_000},
-    "demo": {"dataset": "demo", "shard_samples": 500},
+    "imagenet": {"dataset": "imagenet"},
+    "imagefolder": {"dataset": "imagefolder"},
+    "cifar10": {"dataset": "cifar10", "image_ext": "png"},
+    "demo": {"dataset": "demo"},
 }
 
 DESCRIPTIONS = {
-    "imagenet": "ILSVRC2012 from a folder holding the train/val tars and the devkit; 1GB shards.",
-    "imagefolder": "A class-per-subfolder image tree (train/ and val/, or split by val_fraction).",
+    "imagenet": "ILSVRC2012 from a folder holding the train/val tars and the devkit (-p source=... -p output=...).",
+    "imagefolder": "A class-per-subfolder image tree (train/ and val/, or split by -p val_fraction=F).",
     "cifar10": "CIFAR-10 from cifar-10-python.tar.gz, stored losslessly as PNG by default.",
-    "demo": "The generated demo set (no source needed); 500 images per shard.",
+    "demo": "The generated demo set (no source needed); try -p shard_samples=500.",
 }
 
 

@@ -39,17 +39,23 @@ Contract (the trainer can rely on every point):
   load_state_dict(state) makes the next iteration start at exactly the next batch of that epoch
   (samples before it are skipped in the sample list, not decoded). set_epoch(state["epoch"])
   after load_state_dict keeps that position; set_epoch of another epoch starts it from batch 0.
-  A checkpoint taken on world_size W resumes only on world_size W (checked).
+  A checkpoint taken on world_size W resumes only on world_size W (checked). Random crops and
+  flips: the pytorch backend draws them per sample from (seed, epoch, sample), so a resumed
+  epoch repeats them exactly; the dali backend seeds its pipeline from (seed, epoch, rank), so
+  a resumed epoch reads exactly the same samples with fresh random crops.
 - train=True: random-resized-crop (area 0.08..1, ratio 3/4..4/3) to image_size + horizontal flip;
   train=False: resize shorter side to int(image_size / 0.875), center crop image_size.
   Normalized with the ImageNet mean/std; dtype torch.float32 / float16 / bfloat16;
   channels_last=True gives channels-last memory format (shape stays N x 3 x H x W).
 - An image that cannot be decoded raises loaders.DecodeError naming the shard and sample key.
 
-Backends: "dali" (NVIDIA DALI: nvJPEG / hardware decoder on device="cuda", the same graph on CPU
-operators otherwise), "pytorch" (index-based reads + torchvision.transforms.v2 in DataLoader
-workers), "auto" (dali when it imports, else pytorch). See loaders/dali.py and
-loaders/pytorch.py for the knobs each has.
+Backends: "dali" (NVIDIA DALI over fn.readers.webdataset: nvJPEG / hardware decoder on
+device="cuda", the same graph on CPU operators otherwise), "pytorch" (index-based reads,
+torchvision decoding and RandomResizedCrop semantics in DataLoader workers), "auto" (dali when
+it imports, else pytorch). `options=` takes each backend's knobs (DaliOptions in
+loaders/dali.py, TorchOptions in loaders/pytorch.py); defaults come from the machine.
+Other attributes: loader.batch_size, loader.num_samples (whole split), loader.epoch,
+loader.backend_name, loader.plan() (this rank's rows for the epoch, for debugging).
 """
 
 from loaders.api import DecodeError, Loader, make_loader

@@ -2,10 +2,11 @@
 
 Each measurement runs in its own spawned process (so host memory and CPU time belong to one
 loader only): iterate for --warmup seconds, then count images for --seconds. Reported per
-backend: images/s, batch latency p50/p99 (time between consecutive batches reaching the
-consumer), CPU use (CPU seconds of the process and its worker processes per wall second: 2.0
-means two cores busy; and per image, which holds up better than images/s on a shared machine) and peak host memory (RSS summed over the process tree, sampled every
-0.2 s; shared pages count once per process, so PSS is also given).
+backend: images/s; batch latency p50/p99 (time between consecutive batches reaching the
+consumer); CPU use, as CPU seconds of the process and its workers per wall second (2.0 means
+two cores busy) and per image (steadier than images/s on a shared machine); peak host memory,
+as RSS summed over the process tree every 0.2 s (shared pages count once per process) and
+PSS every 2 s.
 The baseline: torchvision.datasets.ImageFolder + DataLoader (RandomResizedCrop, RandomHorizontalFlip,
 ToTensor, Normalize; same batch size, workers and device) over the same JPEGs extracted from
 the shards to a temporary folder. --synthetic adds the ceiling with no reading and no decoding:
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import shutil
 import tempfile
 import threading
@@ -55,15 +57,23 @@ class TreeMonitor:
         return total
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.wait(0.2):
+            full = tick % 10 == 0  # PSS reads /proc/*/smaps: only every 2 s, to keep the monitor's own CPU small
             rss = pss = 0
             for p in self._tree():
                 try:
-                    m = p.memory_full_info()
-                    rss, pss = rss + m.rss, pss + m.pss
+                    if full:
+                        m = p.memory_full_info()
+                        rss, pss = rss + m.rss, pss + m.pss
+                    else:
+                        rss += p.memory_info().rss
                 except psutil.Error:
                     pass
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.peak_rss = max(self.peak_rss, rss)
+            if full:
+                self.peak_pss = max(self.peak_pss, pss)
+            tick += 1
 
     def __enter__(self) -> TreeMonitor:
         self._thread.start()
@@ -187,17 +197,25 @@ def measure(kind: str, cfg: dict, queue) -> None:
 
 
 def run_one(kind: str, cfg: dict) -> dict:
+    """Measure one loader kind in a fresh spawned process; an error comes back as {"error": ...}."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=measure, args=(kind, cfg, q))
     p.start()
+    deadline = time.monotonic() + cfg["warmup"] + cfg["seconds"] + 600
     try:
-        result = q.get(timeout=cfg["warmup"] + cfg["seconds"] + 600)
+        while True:
+            try:
+                return q.get(timeout=1)
+            except queue_mod.Empty:
+                if not p.is_alive() and q.empty():
+                    return {"backend": kind, "device": cfg["device"], "error": f"exited with code {p.exitcode}"}
+                if time.monotonic() > deadline:
+                    return {"backend": kind, "device": cfg["device"], "error": "timed out"}
     finally:
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
-    return result
 
 
 def print_table(results: list[dict], title: str) -> None:

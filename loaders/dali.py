@@ -36,6 +36,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
+from loaders.buffers import BufferPool
 from loaders.sharding import EpochPlan
 from loaders.spec import IMAGE_EXTS, Shard, is_url
 
@@ -158,9 +159,11 @@ def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, lay
 TORCH_OF = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
 
 
-def to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+def to_torch(tensor_list, device: torch.device, pool: BufferPool | None = None) -> torch.Tensor:
+    """Copy a DALI batch into a torch tensor the consumer owns (DALI reuses its buffers)."""
     t = tensor_list.as_tensor()
-    out = torch.empty(t.shape(), dtype=TORCH_OF[t.dtype], device=device)
+    shape, dtype = tuple(t.shape()), TORCH_OF[t.dtype]
+    out = pool.empty(shape, dtype, device) if pool else torch.empty(shape, dtype=dtype, device=device)
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     feed_ndarray(t, out, cuda_stream=stream)
     return out
@@ -193,6 +196,7 @@ class DaliBackend:
             self.device = torch.device("cuda", self.device_id)
         self.opts = DaliOptions.from_machine(device, workers, options)
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
+        self.pool = BufferPool()
 
     def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
         """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
@@ -262,7 +266,7 @@ class DaliBackend:
                         raise err from e
                     names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
                     raise RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}") from e
-                x = to_torch(images, self.device)
+                x = to_torch(images, self.device, self.pool)
                 if self.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels-last memory format
                 if self.dtype == torch.bfloat16:

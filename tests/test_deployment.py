@@ -31,6 +31,8 @@ from shards.verify import verify
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENTS = ("imagenet", "imagefolder", "cifar10", "demo")
+OPTIONS = {"source", "output", "splits", "shard_size", "shard_samples", "seed", "verify", "max_side", "workers", "md5"}
+OPTIONS |= {"check_md5", "val_fraction", "image_ext", "jpeg_quality"}
 
 
 def free_port() -> int:
@@ -102,8 +104,10 @@ def test_served_demo_deployment_builds_a_complete_set(tmp_path):
                 60,
                 [server, serve],
             )
-            _, body = get(f"{api}/deployments/name/build-shards/imagenet")
-            assert json.loads(body)["parameters"]["dataset"] == "imagenet"
+            for name in DEPLOYMENTS:
+                deployment = json.loads(get(f"{api}/deployments/name/build-shards/{name}")[1])
+                assert deployment["parameters"]["dataset"] == name
+                assert OPTIONS <= deployment["parameter_openapi_schema"]["properties"].keys()  # mirrors the CLI
 
             params = {
                 "output": str(out),

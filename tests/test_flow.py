@@ -204,6 +204,31 @@ def test_a_transient_read_error_is_retried(prefect_harness, tmp_path, monkeypatc
     assert all(not c.problems for c in verify(str(out)))
 
 
+class DyingPhotos(PhotoSource):
+    """The first read kills the worker process outright, as the OOM killer would."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(num_classes=2, copies=2, val_copies=1)
+        self.marker = marker
+
+    def read(self, item: Item) -> bytes:
+        if not self.marker.exists():
+            self.marker.write_text(str(os.getpid()))
+            os._exit(1)
+        return super().read(item)
+
+
+def test_a_killed_worker_process_is_replaced_and_its_shards_retried(prefect_harness, tmp_path, monkeypatch):
+    marker = tmp_path / "died"
+    monkeypatch.setattr(fb, "open_source", lambda *a, **k: DyingPhotos(marker))
+    out = tmp_path / "dying"
+    result, _ = run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=8, workers=2)
+    assert int(marker.read_text()) != os.getpid()  # it was a pool process that died
+    assert [r["samples"] for r in result["rows"]] == [2 * len(PHOTOS), len(PHOTOS)]
+    assert all(not c.problems for c in verify(str(out)))
+    assert not [p.name for p in out.iterdir() if TMP_MARK in p.name]  # the dead worker's partial files are gone
+
+
 def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = [

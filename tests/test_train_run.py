@@ -251,3 +251,42 @@ def test_bad_data_and_models_fail_in_one_line_before_training(photos, tmp_path, 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_demo_set_learns_well_above_chance(tmp_path, capsys):
+    """A short demo run: a broken label or augmentation path would stay at chance (10%)."""
+    from shards.build import build
+    from shards.sources.demo import DemoSource
+    from shards.types import Options
+
+    data = tmp_path / "demo"
+    build(
+        DemoSource(seed=0, train_per_class=60, val_per_class=20, size=64), str(data), Options(seed=0, shard_samples=150)
+    )
+    out = tmp_path / "run"
+    rc, err = train_in_process(
+        capsys,
+        "--data",
+        str(data),
+        "--preset",
+        "demo",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "8",
+        "--workers",
+        "0",
+        "--backend",
+        "pytorch",
+        "--output",
+        str(out),
+        "--progress",
+        "never",
+    )
+    assert rc == 0, err
+    lines = read_metrics(out)
+    assert lines[-1]["val_top1"] >= 20.0, lines  # 600 training images, 8 short epochs: 2x chance at least
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]

@@ -90,7 +90,7 @@ def test_resnet_small_stem_and_plain_torchvision_keys():
     standard = build_model("resnet50", 5, stem="auto", image_size=224)
     torchvision.models.resnet50(num_classes=5).load_state_dict(standard.state_dict(), strict=True)
     # zero-init of each residual block's last BN gamma (Bag of Tricks)
-    assert all(float(b.bn3.weight.abs().sum()) == 0 for b in standard.layer1)
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for b in standard.layer1)
 
 
 def test_custom_class_and_unwrap():

@@ -78,13 +78,14 @@ class Config:
 # Presets name whole recipes. The demo preset is sized for the demo set on a 2-core CPU.
 PRESETS: dict[str, dict] = {
     "demo": dict(
-        arch="resnet18",
+        arch="train.nets:SmallConvNet",
         stem="standard",
-        image_size=64,
-        epochs=6,
+        image_size=48,
+        epochs=16,
         batch_size=64,
-        lr=0.8,
-        wd=5e-5,
+        optimizer="adamw",
+        lr=0.04,
+        wd=5e-4,
         warmup_epochs=1,
         label_smoothing=0.1,
         amp="none",

@@ -1,8 +1,9 @@
-"""Small networks of our own, for CPU-sized runs (the demo preset); named as --arch train.nets:Class.
+"""Small networks of our own for CPU-sized runs, named as --arch train.nets:Class.
 
-NarrowResNet is torchvision's ResNet (same BasicBlock, same stem, same state_dict layout)
-with fewer channels and one block per stage: about 1/16 of ResNet-18's compute at the same
-resolution, which is what a 2-core CPU can train on the demo set in a few minutes.
+SmallConvNet is the demo preset's model: four full-resolution-first conv blocks, cheap enough
+for a shared 2-core CPU. NarrowResNet is torchvision's ResNet (same BasicBlock, stem and
+state_dict layout) with stage widths 16..128 and one block per stage: the tests' real but
+small ResNet.
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ class NarrowResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)  # zero-init of each block's last BN gamma
-
-
-class NarrowResNet32(NarrowResNet):
-    def __init__(self, num_classes: int = 1000) -> None:
-        super().__init__(num_classes, width=32)
 
 
 class SmallConvNet(nn.Module):
