@@ -350,3 +350,34 @@ def test_gloo_ranks_never_hang_and_read_every_sample_once(shard_dir):
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert sorted(label for part in everyone for label in part) == list(range(24))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_dali_gpu_graph_is_defined_without_a_gpu(train):
+    # No GPU in CI: DALI still checks every operator argument while the graph is defined, and
+    # the outputs must come from the GPU (mixed decoder, GPU resize / crop_mirror_normalize).
+    from nvidia.dali import types
+
+    from loaders.dali import DaliOptions, image_pipeline
+
+    for layout in ("CHW", "HWC"):
+        pipe = image_pipeline(
+            ["x.tar"],
+            ["x.idx"],
+            train=train,
+            image_size=224,
+            gpu=True,
+            out_dtype=types.FLOAT16,
+            layout=layout,
+            opts=DaliOptions(),
+            batch_size=8,
+            num_threads=4,
+            device_id=0,
+            seed=1,
+        )
+        assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]
+
+
+def test_auto_backend_picks_dali_where_it_imports(shard_dir):
+    ld = make_loader(shard_dir, batch_size=4, train=False, image_size=SIZE)
+    assert ld.backend_name == "dali" and len(ld) == 6
