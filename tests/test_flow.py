@@ -147,6 +147,14 @@ def test_resume_reuses_shards_a_dead_run_published(first_build, tmp_path):
     assert resumed["splits"] == clean["splits"]  # same names, sizes and sha256: byte-identical shards
 
 
+def test_splits_parameter_builds_only_those_splits(prefect_harness, tmp_path):
+    out = tmp_path / "val-only"
+    result, _ = run(output=str(out), splits="val", workers=1, **DEMO)
+    assert [r["split"] for r in result["rows"]] == ["val"]
+    m = read_manifest(str(out))
+    assert list(m["splits"]) == ["val"] and m["params"]["splits"] == ["val"]
+
+
 class PhotosWithBadFiles(PhotoSource):
     """The test photos plus a truncated and an empty JPEG in train, to be quarantined."""
 

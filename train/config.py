@@ -81,7 +81,7 @@ PRESETS: dict[str, dict] = {
         arch="train.nets:SmallConvNet",
         stem="standard",
         image_size=48,
-        epochs=16,
+        epochs=20,
         batch_size=64,
         optimizer="adamw",
         lr=0.04,
@@ -89,7 +89,8 @@ PRESETS: dict[str, dict] = {
         warmup_epochs=1,
         label_smoothing=0.1,
         amp="none",
-        workers=2,
+        backend="pytorch",  # its augmentation is seeded per sample: resumed runs repeat exactly
+        workers=1,
         checkpoint_minutes=2.0,
     ),
     # CIFAR-10 (32 px): the usual 3x3-stem ResNet-18 recipe.
