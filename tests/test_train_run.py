@@ -77,7 +77,7 @@ def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys
         "--data",
         str(photos),
         "--arch",
-        "resnet18",
+        "resnet50",
         "--stem",
         "standard",
         "--image-size",
@@ -98,6 +98,14 @@ def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys
         "never",
         "--ema",
         "0.9",
+        "--accum-steps",
+        "2",
+        "--mixup",
+        "0.2",
+        "--cutmix",
+        "1.0",
+        "--clip-grad",
+        "5",
     )
     assert rc == 0, err
     lines = read_metrics(out)
@@ -110,12 +118,13 @@ def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys
     assert summary["final_val_top1"] == lines[-1]["val_top1"]
     assert summary["best_val_top1"] == max(m["val_top1"] for m in lines) and summary["epochs"] == 2
     assert summary["seconds"] > 0
+    assert summary["steps_per_rank"] == [2 * 48 // 8]  # batch 8 per step in 2 micro-batches of 4: 6 steps/epoch
 
     # Weights are stored unwrapped: the plain torchvision model takes them strictly.
     for name in ("last.pt", "best.pt"):
         ck = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=False)
-        torchvision.models.resnet18(num_classes=4).load_state_dict(ck["model"], strict=True)
-        torchvision.models.resnet18(num_classes=4).load_state_dict(ck["ema"], strict=True)
+        torchvision.models.resnet50(num_classes=4).load_state_dict(ck["model"], strict=True)
+        torchvision.models.resnet50(num_classes=4).load_state_dict(ck["ema"], strict=True)
     assert ck["num_classes"] == 4 and [c["id"] for c in ck["classes"]] == ["c0", "c1", "c2", "c3"]
 
     # TensorBoard: epoch and step scalars, hparams, and the grid of the first augmented batch.

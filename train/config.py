@@ -362,7 +362,8 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         "evaluate",
         dict(
             metavar="CKPT",
-            help="only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5",
+            help="only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5 "
+            "(and a JSON line); the model, its stem and the image size come from the checkpoint",
         ),
     ),
     (
@@ -371,7 +372,9 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         dict(
             action="store_true",
             default=None,
-            help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine",
+            help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine; "
+            "an exact mid-epoch resume needs --backend pytorch (its crops are seeded per sample; DALI's restart "
+            "their random stream on resume)",
         ),
     ),
     (
