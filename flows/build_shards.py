@@ -1,10 +1,12 @@
 """The `build-shards` Prefect flow: shards/ functions as coarse tasks with retries and progress.
 
+    download-archives  only for a URL --source: the archives into --cache-dir (flows/download.py)
     index-source    open the source, index it, plan the shards, check the output (one task)
-    write-shards    a batch of whole shards per task, a few tasks per worker, run on a
+    write-shards    a batch of whole shards per task, a few tasks per worker. --runner local: a
                     ThreadPoolTaskRunner(max_workers=workers) whose threads hand each shard to
                     a pool of `workers` processes (flows/pool.py): true CPU parallelism, and
-                    at most `workers` shards in memory at once
+                    at most `workers` shards in memory at once. --runner dask: a DaskTaskRunner
+                    whose worker processes (on this or other machines) write the shards themselves
     finish          manifest.json, written last
 
 Every format decision lives in shards/; this file only orders the calls, retries them, and
@@ -22,15 +24,17 @@ from dataclasses import dataclass, field
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.download import download_archives
 from flows.params import BuildParams
 from flows.pool import ShardPool
 from shards.build import BuildError, Plan, ShardRecord, check_output, finish, prepare, summary_rows, write_shard
 from shards.plan import ShardSpec
 from shards.sources import open_source
-from shards.storage import Storage
+from shards.storage import Storage, is_url
 from shards.types import Options, Source
 
 SUMMARY_KEY = "build-shards-summary"
@@ -79,24 +83,17 @@ def index_source(
 
 @dataclass
 class Progress:
-    """Counts finished shards across task threads; keeps the progress artifact current and
-    times each split from its first shard's start to its last shard's end."""
+    """Counts finished shards and keeps the progress artifact current. In-process only: the
+    local runner's task threads call it per shard; on dask the flow calls it per finished task."""
 
     total: int
     artifact_id: object
-    done: dict[str, ShardRecord] = field(default_factory=dict)
-    first_start: dict[str, float] = field(default_factory=dict)
-    last_end: dict[str, float] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def shard_started(self, spec: ShardSpec) -> None:
+    def shards_done(self, names: list[str]) -> None:
         with self._lock:
-            self.first_start.setdefault(spec.split, time.perf_counter())
-
-    def shard_done(self, rec: ShardRecord) -> None:
-        with self._lock:
-            self.done[rec.name] = rec  # by name: a retried batch does not count its shards twice
-            self.last_end[rec.split] = time.perf_counter()
+            self.done.update(names)  # by name: a retried batch does not count its shards twice
             done = len(self.done)
         try:
             update_progress_artifact(
@@ -105,8 +102,25 @@ class Progress:
         except Exception as e:  # a busy server must not fail a written shard; the next update catches up
             get_run_logger().warning("progress artifact not updated: %s", e)
 
-    def split_seconds(self) -> dict[str, float]:
-        return {s: self.last_end[s] - t for s, t in self.first_start.items() if s in self.last_end}
+
+@dataclass
+class Batch:
+    """What a write-shards task returns: its shards' records and, per split, the wall-clock
+    span (time.time(), comparable across processes and machines) from its first shard's start
+    to its last one's end, from which the flow times each split whatever ran the task."""
+
+    records: list[ShardRecord]
+    spans: dict[str, tuple[float, float]]
+
+
+def split_seconds(batches: list[Batch]) -> dict[str, float]:
+    starts: dict[str, float] = {}
+    ends: dict[str, float] = {}
+    for b in batches:
+        for split, (t0, t1) in b.spans.items():
+            starts[split] = min(starts.get(split, t0), t0)
+            ends[split] = max(ends.get(split, t1), t1)
+    return {s: ends[s] - t for s, t in starts.items()}
 
 
 @task(name="write-shards", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE, task_run_name="write-{label}")
@@ -116,20 +130,23 @@ def write_batch(
     job: Prepared,
     options: Options,
     pool: ShardPool | None,
-    progress: Progress,
-) -> list[ShardRecord]:
-    """Write (or reuse) whole shards one after another; with a pool each goes to a process."""
+    progress: Progress | None,
+) -> Batch:
+    """Write (or reuse) whole shards one after another; with a pool each goes to a process,
+    without one (a single worker, or a dask worker process) it is written right here."""
     log = get_run_logger()
-    start, records = time.perf_counter(), []
+    start, records, spans = time.perf_counter(), [], {}
     params = job.plan.params
     for spec in specs:
-        progress.shard_started(spec)
+        t0 = time.time()
         if pool is not None:
             rec = pool.write(spec, job.storage, options, params)
         else:
             rec = write_shard(job.source, spec, job.storage, options, params)
         records.append(rec)
-        progress.shard_done(rec)
+        spans[spec.split] = (spans.get(spec.split, (t0, 0.0))[0], time.time())
+        if progress is not None:
+            progress.shards_done([rec.name])
     n, q = sum(r.samples for r in records), sum(len(r.quarantine) for r in records)
     reused = sum(r.reused for r in records)
     secs = time.perf_counter() - start
@@ -142,7 +159,7 @@ def write_batch(
         q,
         secs,
     )
-    return records
+    return Batch(records, spans)
 
 
 @task(name="finish", retries=2, retry_delay_seconds=3, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
@@ -199,7 +216,7 @@ def write_all(
 ) -> tuple[list[ShardRecord], dict[str, float]]:
     """Run the write-shards tasks, `workers` at a time; returns every shard's record and each split's seconds."""
     plan = job.plan
-    progress = Progress(len(plan.shards), create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+    progress = new_progress(len(plan.shards))
     workers = min(workers, len(plan.shards))  # no idle processes for a small set
     groups = batches(plan.shards, workers)
     log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
@@ -214,11 +231,58 @@ def write_all(
             for f in futures:
                 f.wait()
             # Every batch ran to its end first, so a failure leaves all the other shards reusable.
-            records = [r for f in futures for r in f.result()]
+            done = [f.result() for f in futures]
     finally:
         if pool is not None:
             pool.close()
-    return records, progress.split_seconds()
+    return [r for b in done for r in b.records], split_seconds(done)
+
+
+def new_progress(total: int) -> Progress:
+    return Progress(total, create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+
+
+def dask_task_runner(address: str | None, workers: int):
+    """A DaskTaskRunner on the cluster at `address`, or on a LocalCluster of `workers` processes
+    with one thread each (decoding holds the GIL, so processes, not threads, give parallelism)."""
+    from prefect_dask import DaskTaskRunner  # only a dask run pays for importing dask
+
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        # No dashboard: nobody looks at it during a build, and its fixed port collides between runs.
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+    )
+
+
+def write_all_dask(
+    job: Prepared, options: Options, workers: int, address: str | None, log: logging.LoggerAdapter
+) -> tuple[list[ShardRecord], dict[str, float]]:
+    """Run the write-shards tasks on a dask.distributed cluster: each task writes its shards in
+    the dask worker process (no pool there). Worker processes cannot reach this process's
+    Progress, so the flow counts shards as task futures complete."""
+    plan = job.plan
+    progress = new_progress(len(plan.shards))
+    with dask_task_runner(address, min(workers, len(plan.shards))) as runner:
+        # Parallelism is what the cluster has: its worker threads (for a LocalCluster, `workers`).
+        slots = sum(runner.client.nthreads().values()) or 1
+        groups = batches(plan.shards, slots)
+        log.info(
+            "writing %d shards in %d tasks on dask (%s, %d worker threads)",
+            len(plan.shards),
+            len(groups),
+            address or "local cluster",
+            slots,
+        )
+        shared = {"job": quote(job), "options": options, "pool": None, "progress": None}
+        futures = [runner.submit(write_batch, {"label": batch_label(g), "specs": quote(g), **shared}) for g in groups]
+        for f in as_completed(futures):
+            if f.state.is_completed():
+                progress.shards_done([r.name for r in f.result().records])
+        # Every batch ran to its end first, so a failure leaves all the other shards reusable.
+        done = [f.result() for f in futures]
+    return [r for b in done for r in b.records], split_seconds(done)
 
 
 @flow(name="build-shards", description="Dataset to verified, shuffled WebDataset shards with DALI indexes.")
@@ -241,21 +305,37 @@ def build_shards(
     train_per_class: int | None = None,
     val_per_class: int | None = None,
     demo_size: int | None = None,
+    cache_dir: str | None = None,
+    runner: str = "local",
+    dask_address: str | None = None,
 ) -> dict:
     """Build `dataset` from `source` into shards + manifest.json at `output` (a folder or URL).
 
     Parameters mirror `python -m flows build-shards --help`: shard_size is bytes or a string
     such as "1GB" (default 1GB) and excludes shard_samples; splits is "train,val" or a list
     (default: all); workers defaults to the CPU count; md5 maps archive names to digests;
-    train_per_class, val_per_class and demo_size size the demo set only.
+    train_per_class, val_per_class and demo_size size the demo set only. A URL source is
+    downloaded into cache_dir first (default ~/.cache/shardline, or $XDG_CACHE_HOME/shardline);
+    runner "dask" writes the shards on the dask.distributed cluster at dask_address (or on a
+    LocalCluster of `workers` processes).
     Returns {"output", "dataset", "rows": per-split summary, "complete_before": bool}.
     """
     p = BuildParams(**locals()).check()  # first statement: locals() holds exactly the parameters
     log = get_run_logger()
     workers, options = p.worker_count(), p.options()
-    log.info("build-shards %s from %s to %s with %d workers", dataset, source or "(generated)", output, workers)
+    log.info(
+        "build-shards %s from %s to %s with %d workers (%s runner)",
+        dataset,
+        source or "(generated)",
+        output,
+        workers,
+        runner,
+    )
     start = time.perf_counter()
-    job = index_source(dataset, source, p.source_kwargs(), options, p.split_list(), output)
+    local_source = source
+    if source is not None and is_url(source):
+        local_source = download_archives(dataset, source, p.cache_path(), p.split_list(), md5, output)
+    job = index_source(dataset, local_source, p.source_kwargs(), options, p.split_list(), output)
     plan = job.plan
     log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(plan.shards))
 
@@ -263,7 +343,10 @@ def build_shards(
         log.info("%s already holds this complete set; nothing to do", job.storage.root)
         rows = rows_from_manifest(plan, job.done)
     else:
-        records, seconds = write_all(job, options, workers, log)
+        if runner == "dask":
+            records, seconds = write_all_dask(job, options, workers, dask_address, log)
+        else:
+            records, seconds = write_all(job, options, workers, log)
         finish_set(quote(job), quote(records), p.ext)
         rows = summary_rows(plan, records, seconds)
 

@@ -12,7 +12,17 @@ import sys
 
 import click
 
-from flows.params import IMAGE_EXTS, VERIFY_MODES, BuildParams, ParamError, parse_md5, parse_size, parse_splits
+from flows.params import (
+    IMAGE_EXTS,
+    RUNNERS,
+    VERIFY_MODES,
+    BuildParams,
+    ParamError,
+    default_cache_dir,
+    parse_md5,
+    parse_size,
+    parse_splits,
+)
 from shards.sources import DATASETS
 
 
@@ -40,7 +50,17 @@ def cli() -> None:
     "--source",
     default=None,
     metavar="PATH_OR_URL",
-    help="Where the dataset is: a folder, file or URL. Required except for --dataset demo.",
+    help="Where the dataset is: a folder or file, or an http(s):// or s3:// URL (imagenet: of the folder "
+    "holding the three archives under their official names; cifar10/imagefolder: of the one archive), "
+    "downloaded into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo.",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    metavar="DIR",
+    help=f"Local folder for the downloads of a URL --source; verified downloads are reused by the next run "
+    f"and an interrupted one resumes. Default: $XDG_CACHE_HOME/shardline, else ~/.cache/shardline "
+    f"(here: {default_cache_dir()}).",
 )
 @click.option(
     "--output",
@@ -94,13 +114,31 @@ def cli() -> None:
     type=int,
     default=None,
     metavar="N",
-    help="Processes decoding and writing shards in parallel (bounds CPU and memory). Default: CPU count.",
+    help="Processes decoding and writing shards in parallel (bounds CPU and memory). Default: CPU count. "
+    "With --runner dask and no --dask-address: the LocalCluster's worker processes.",
+)
+@click.option(
+    "--runner",
+    default="local",
+    show_default=True,
+    metavar="|".join(RUNNERS),
+    help="Where the shard-writing tasks run: local (threads feeding a process pool on this machine) or "
+    "dask (a dask.distributed cluster through prefect-dask; its workers must import shardline and reach "
+    "--source and --output by the same path or URL).",
+)
+@click.option(
+    "--dask-address",
+    default=None,
+    metavar="ADDR",
+    help="With --runner dask: the scheduler to use, e.g. tcp://scheduler:8786. Default: start a LocalCluster "
+    "of --workers processes, one thread each, for this run.",
 )
 @click.option(
     "--md5",
     multiple=True,
     metavar="NAME=HEX",
-    help="Expected MD5 of an archive, by file name; repeatable. Wins over the built-in ILSVRC2012 digests.",
+    help="Expected MD5 of an archive, by file name; repeatable. Wins over the built-in ILSVRC2012 digests "
+    "(downloads are always checked; a mismatch costs one fresh download, then fails naming both digests).",
 )
 @click.option(
     "--check-md5",

@@ -17,6 +17,7 @@ from shards.storage import is_url
 from shards.types import Options
 
 VERIFY_MODES = ("none", "header", "decode")
+RUNNERS = ("local", "dask")
 IMAGE_EXTS = ("jpg", "png")
 DEFAULT_SHARD_SIZE = "1GB"
 
@@ -83,6 +84,12 @@ def parse_splits(value: str | Iterable[str] | None) -> list[str] | None:
     return splits or None
 
 
+def default_cache_dir() -> str:
+    """Where downloads of a URL --source go unless --cache-dir says: the XDG cache folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "shardline")
+
+
 @dataclass
 class BuildParams:
     """Every build-shards parameter, as the flow and the CLI take them (see the CLI's --help)."""
@@ -105,6 +112,9 @@ class BuildParams:
     train_per_class: int | None = None  # demo only
     val_per_class: int | None = None  # demo only
     demo_size: int | None = None  # demo only
+    cache_dir: str | None = None  # downloads of a URL --source; default: default_cache_dir()
+    runner: str = "local"  # local: threads + a process pool; dask: tasks on a dask.distributed cluster
+    dask_address: str | None = None  # scheduler address; none: a LocalCluster of `workers` processes
 
     def check(self) -> BuildParams:
         """Raise ParamError (one line) for the first bad parameter; no I/O beyond a stat."""
@@ -140,12 +150,21 @@ class BuildParams:
         for name in ("train_per_class", "val_per_class", "demo_size"):
             if getattr(self, name) is not None and self.dataset != "demo":
                 raise ParamError(f"--{name.replace('_', '-')} applies to --dataset demo only")
+        if self.runner not in RUNNERS:
+            raise ParamError(f"--runner {self.runner!r}: choose one of {', '.join(RUNNERS)}")
+        if self.dask_address and self.runner != "dask":
+            raise ParamError("--dask-address needs --runner dask")
+        if self.cache_dir is not None and is_url(self.cache_dir):
+            raise ParamError(f"--cache-dir {self.cache_dir}: must be a local folder, not a URL")
         return self
 
     @property
     def ext(self) -> str:
         """CIFAR-10 is lossless at the source, so it keeps PNG unless told otherwise."""
         return self.image_ext or ("png" if self.dataset == "cifar10" else "jpg")
+
+    def cache_path(self) -> str:
+        return os.path.abspath(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir()
 
     def worker_count(self) -> int:
         return self.workers or os.cpu_count() or 1
