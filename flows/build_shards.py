@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -37,6 +38,7 @@ from shards.sources import open_source
 from shards.storage import Storage, is_url
 from shards.types import Options, Source
 
+T = TypeVar("T")
 SUMMARY_KEY = "build-shards-summary"
 PROGRESS_KEY = "build-shards-progress"
 MAX_TASKS = 200  # the Prefect server copes with a few hundred task runs per flow run, not thousands
@@ -123,11 +125,21 @@ def split_seconds(batches: list[Batch]) -> dict[str, float]:
     return {s: ends[s] - t for s, t in starts.items()}
 
 
+class Leaf(Generic[T]):
+    """Hands an object to a task as it is. Prefect walks the dataclasses and lists in task
+    parameters (slow for a plan of a million items) unless they are wrapped; its own quote()
+    would do, but it does not survive pickling to a dask worker (a tuple subclass, it comes
+    back wrapping a 1-tuple). A plain class is a leaf to Prefect and pickles as it is."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
 @task(name="write-shards", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE, task_run_name="write-{label}")
 def write_batch(
     label: str,
-    specs: list[ShardSpec],
-    job: Prepared,
+    specs: Leaf[list[ShardSpec]],
+    job: Leaf[Prepared],
     options: Options,
     pool: ShardPool | None,
     progress: Progress | None,
@@ -135,6 +147,7 @@ def write_batch(
     """Write (or reuse) whole shards one after another; with a pool each goes to a process,
     without one (a single worker, or a dask worker process) it is written right here."""
     log = get_run_logger()
+    specs, job = specs.value, job.value
     start, records, spans = time.perf_counter(), [], {}
     params = job.plan.params
     for spec in specs:
@@ -223,10 +236,9 @@ def write_all(
     pool = ShardPool(job.source, workers) if workers > 1 else None
     try:
         with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            # quote(): hand the objects over as they are, without Prefect walking every item in them.
-            shared = {"job": quote(job), "options": options, "pool": quote(pool), "progress": quote(progress)}
+            shared = {"job": Leaf(job), "options": options, "pool": quote(pool), "progress": quote(progress)}
             futures = [
-                runner.submit(write_batch, {"label": batch_label(g), "specs": quote(g), **shared}) for g in groups
+                runner.submit(write_batch, {"label": batch_label(g), "specs": Leaf(g), **shared}) for g in groups
             ]
             for f in futures:
                 f.wait()
@@ -251,8 +263,8 @@ def dask_task_runner(address: str | None, workers: int):
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
-        # No dashboard: nobody looks at it during a build, and its fixed port collides between runs.
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None},
+        # The dashboard on a free port: the default fixed one collides between concurrent runs.
+        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"},
     )
 
 
@@ -275,11 +287,14 @@ def write_all_dask(
             address or "local cluster",
             slots,
         )
-        shared = {"job": quote(job), "options": options, "pool": None, "progress": None}
-        futures = [runner.submit(write_batch, {"label": batch_label(g), "specs": quote(g), **shared}) for g in groups]
+        shared = {"job": Leaf(job), "options": options, "pool": None, "progress": None}
+        futures = [runner.submit(write_batch, {"label": batch_label(g), "specs": Leaf(g), **shared}) for g in groups]
         for f in as_completed(futures):
-            if f.state.is_completed():
-                progress.shards_done([r.name for r in f.result().records])
+            try:
+                batch = f.result()
+            except Exception:  # raised below, once every other batch has ended
+                continue
+            progress.shards_done([r.name for r in batch.records])
         # Every batch ran to its end first, so a failure leaves all the other shards reusable.
         done = [f.result() for f in futures]
     return [r for b in done for r in b.records], split_seconds(done)

@@ -5,6 +5,8 @@ can be overridden per run, so the parameters mirror the CLI options:
 
     prefect deployment run build-shards/imagenet -p source=/data/ilsvrc -p output=/ssd/imagenet --watch
     prefect deployment run build-shards/demo -p output=/tmp/demo -p shard_samples=500 --watch
+    prefect deployment run build-shards/imagenet -p source=https://mirror.example/ilsvrc/ \
+        -p output=s3://team-data/imagenet -p cache_dir=/scratch/dl -p runner=dask -p dask_address=tcp://sched:8786
 
 Dataset-specific values only fill in `dataset` (and PNG for CIFAR-10); everything else keeps
 the flow's defaults, so a deployment run and the same CLI command build the same bytes.

@@ -14,7 +14,7 @@ from flows.params import BuildParams, ParamError
 from shards.manifest import read_manifest
 from shards.verify import verify
 
-# 64 train and 24 val images of 40 px in uneven shards of 15: 5 + 2 shards.
+# 80 train and 30 val images (10 classes) of 40 px in uneven shards of 15: 6 + 2 shards.
 DEMO = {"dataset": "demo", "shard_samples": 15, "train_per_class": 8, "val_per_class": 3, "demo_size": 40, "seed": 2}
 
 
@@ -34,11 +34,11 @@ def test_dask_runner_on_two_worker_processes_writes_the_default_runners_bytes(pr
     state = build_shards(output=str(dask), workers=2, runner="dask", return_state=True, **DEMO)
     result = state.result()
     m = read_manifest(str(dask))
-    assert [len(s["shards"]) for s in m["splits"].values()] == [5, 2]
+    assert [len(s["shards"]) for s in m["splits"].values()] == [6, 2]
     assert m["splits"] == read_manifest(str(local))["splits"]
     shards = {n: d for n, d in digests(dask).items() if n != "manifest.json"}
     assert shards == {n: d for n, d in digests(local).items() if n != "manifest.json"}
-    assert len(shards) == 14  # 7 tars and their indexes, nothing else (no _progress, no temporaries)
+    assert len(shards) == 16  # 8 tars and their indexes, nothing else (no _progress, no temporaries)
     assert all(not c.problems for c in verify(str(dask)))
     # The flow counted the shards as the dask tasks finished, and timed each split.
     assert progress_of(state.state_details.flow_run_id) == 100.0

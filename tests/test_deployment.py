@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 DEPLOYMENTS = ("imagenet", "imagefolder", "cifar10", "demo")
 OPTIONS = {"source", "output", "splits", "shard_size", "shard_samples", "seed", "verify", "max_side", "workers", "md5"}
-OPTIONS |= {"check_md5", "val_fraction", "image_ext", "jpeg_quality"}
+OPTIONS |= {"check_md5", "val_fraction", "image_ext", "jpeg_quality", "cache_dir", "runner", "dask_address"}
 
 
 def free_port() -> int:

@@ -299,3 +299,22 @@ def test_demo_set_learns_well_above_chance(tmp_path, capsys):
     lines = read_metrics(out)
     assert lines[-1]["val_top1"] >= 20.0, lines  # 600 training images, 8 short epochs: 2x chance at least
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+
+
+def test_dali_cpu_backend_trains_and_evaluates_every_val_sample(photos, tmp_path, capsys):
+    from train.run import main
+
+    out = tmp_path / "dali"
+    args = [a if a != "pytorch" else "dali" for a in TINY]
+    rc, err = train_in_process(
+        capsys, "--data", str(photos), *args, "--workers", "1", "--epochs", "1", "--output", str(out)
+    )
+    assert rc == 0, err
+    assert "loader dali" in err
+    assert json.loads((out / "summary.json").read_text())["steps_per_rank"] == [48 // 8]
+    trained_top1 = read_metrics(out)[0]["val_top1"]
+    ckpt = str(out / "checkpoints" / "last.pt")
+    rc = main(["--evaluate", ckpt, "--data", str(photos), "--batch-size", "5", "--workers", "1", "--backend", "dali"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and result["val_samples"] == 24  # 24 val images, batches of 5: the padding is left out
+    assert result["val_top1"] == trained_top1
