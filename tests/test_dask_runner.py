@@ -28,21 +28,47 @@ def progress_of(flow_run_id) -> float:
     return found["data"]
 
 
-def test_dask_runner_on_two_worker_processes_writes_the_default_runners_bytes(prefect_harness, tmp_path):
-    local, dask = tmp_path / "local", tmp_path / "dask"
-    build_shards(output=str(local), workers=1, **DEMO)
+@pytest.fixture(scope="module")
+def local_build(prefect_harness, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "demo"
+    build_shards(output=str(out), workers=1, **DEMO)
+    return out
+
+
+def shard_digests(out: Path) -> dict[str, str]:
+    return {n: d for n, d in digests(out).items() if n != "manifest.json"}
+
+
+def test_dask_runner_on_two_worker_processes_writes_the_default_runners_bytes(local_build, tmp_path):
+    local, dask = local_build, tmp_path / "dask"
     state = build_shards(output=str(dask), workers=2, runner="dask", return_state=True, **DEMO)
     result = state.result()
     m = read_manifest(str(dask))
     assert [len(s["shards"]) for s in m["splits"].values()] == [6, 2]
     assert m["splits"] == read_manifest(str(local))["splits"]
-    shards = {n: d for n, d in digests(dask).items() if n != "manifest.json"}
-    assert shards == {n: d for n, d in digests(local).items() if n != "manifest.json"}
+    shards = shard_digests(dask)
+    assert shards == shard_digests(local)
     assert len(shards) == 16  # 8 tars and their indexes, nothing else (no _progress, no temporaries)
     assert all(not c.problems for c in verify(str(dask)))
     # The flow counted the shards as the dask tasks finished, and timed each split.
     assert progress_of(state.state_details.flow_run_id) == 100.0
     assert all(r["seconds"] > 0 and r["images_per_sec"] for r in result["rows"])
+
+
+def test_dask_address_runs_the_tasks_on_that_cluster(local_build, tmp_path):
+    """--dask-address: the multi-machine path, here a scheduler with 2 worker processes started
+    apart from the flow (as dask-scheduler and dask-worker would be); the flow connects to it."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        result = build_shards(
+            output=str(tmp_path / "remote"), workers=1, runner="dask", dask_address=cluster.scheduler_address, **DEMO
+        )
+        with Client(cluster.scheduler_address) as client:
+            ran = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.task_prefixes))
+    assert ran > 0  # the tasks went through this scheduler
+    assert shard_digests(tmp_path / "remote") == shard_digests(local_build)
+    assert not result["complete_before"]
 
 
 def test_a_dask_address_without_the_dask_runner_is_refused():
