@@ -1,7 +1,7 @@
 """Data for `python -m loaders.bench`: shards from a folder of photos, and the same images as an ImageFolder.
 
 The benchmark set is built by the project's own writer (shards/build.py) from real photos
-(../shared/data/imagenet-sample: 100 ImageNet photos, one per class), each repeated `copies`
+(for example 100 ImageNet photos, one per class), each repeated `copies`
 times so an epoch is long enough to measure. The ImageFolder baseline reads the very same
 JPEG bytes, extracted from the shards into <root>/<label>/<key>.jpg.
 """

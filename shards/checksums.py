@@ -12,7 +12,7 @@ import re
 
 from tqdm import tqdm
 
-# From ../shared/REFERENCE.md (and torchvision.datasets.imagenet.ARCHIVE_META).
+# The digests published with ILSVRC2012 (the same as torchvision.datasets.imagenet.ARCHIVE_META).
 OFFICIAL_MD5 = {
     "ILSVRC2012_img_train.tar": "1d675b47d978889d74fa0da5fadfb00e",
     "ILSVRC2012_img_val.tar": "29b22e2961454d5413ddabcf34fc5622",
