@@ -2,7 +2,7 @@
 
     python scripts/bench_build.py [--classes 20 --per-class 50 --val-per-class 10 --workers 2]
 
-The fixture: the real photos of ../shared/data/imagenet-sample (full size, not shrunk),
+The fixture: the real imagenet-sample photos (--photos; by default the shared data folder beside the repository) (full size, not shrunk),
 replicated into ILSVRC2012_img_train.tar (a tar of per-class tars), ILSVRC2012_img_val.tar and
 the devkit, with the planted CMYK, PNG-as-JPEG, truncated and empty members of the test fixture.
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_runners.py [--classes 20 --per-class 50 --val-per-class 10 --workers 2]
 
-The fixture is bench_build.py's: the real photos of ../shared/data/imagenet-sample at full
+The fixture is bench_build.py's: the real imagenet-sample photos (--photos; by default the shared data folder beside the repository) at full
 size, replicated into the three ILSVRC2012 archives (with the test fixture's planted bad
 members). The flow runs twice against one temporary Prefect server, same seed and options:
 --runner local --workers N (threads feeding a process pool), then --runner dask --workers N
