@@ -17,15 +17,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 
-from shards.checksums import OFFICIAL_MD5, expected_md5
+from shards.checksums import expected_md5
 from shards.fetch import FetchError, RetryPolicy, fetch
+from shards.sources.imagenet import DEVKIT, TRAIN_TAR, VAL_TAR
 from shards.storage import is_url
 
-IMAGENET_ARCHIVES = {
-    "train": "ILSVRC2012_img_train.tar",
-    "val": "ILSVRC2012_img_val.tar",
-    "devkit": "ILSVRC2012_devkit_t12.tar.gz",
-}
+IMAGENET_ARCHIVES = {"train": TRAIN_TAR, "val": VAL_TAR, "devkit": DEVKIT}
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
@@ -99,6 +96,3 @@ def localize_source(
         (archive,) = _fetch_all([base], cache_dir, md5, policy, progress, 1)
         return _extract_tree(archive, cache_dir)
     raise FetchError(f"{dataset}: a URL --source is not supported for this dataset")
-
-
-__all__ = ["IMAGENET_ARCHIVES", "OFFICIAL_MD5", "localize_source"]
