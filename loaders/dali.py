@@ -3,7 +3,9 @@
 One graph, two placements: on a CUDA device the decoder runs "mixed" (nvJPEG, and the
 hardware JPEG decoder for `hw_decoder_load` of the images where the GPU has one) and every
 later operator on the GPU; without one the same operators run on CPU threads
-(pipeline device_id=None), which is also what CI exercises.
+(pipeline device_id=None), which is also what CI exercises. One exception, CPU train only:
+resize + crop_mirror_normalize become shardline's one-pass fused operator (loaders/dali_plugin.py),
+because DALI's CPU resize alone costs as much as decoding; `fused_resize=False` runs the GPU graph as is.
 
 How the contract's sample order gets into DALI without Python in the per-sample path: the
 reader's own sharding (shard_id/num_shards) hands each rank a contiguous slice of unequal
@@ -35,6 +37,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from loaders import dali_plugin
 from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
 from loaders.buffers import BufferPool
 from loaders.sharding import EpochPlan
@@ -50,6 +53,9 @@ class DaliOptions:
     hw_decoder_load: float = 0.65  # share of JPEGs sent to the hardware decoder (A100/H100)
     use_fast_idct: bool = True  # train, CPU: libjpeg-turbo's fast integer IDCT (up to 14% faster)
     antialias: bool = False  # train resize: crops are already near the output size; eval always antialiases
+    # CPU train: shardline's one-pass resize + flip + normalize (loaders/dali_plugin.py) in place of
+    # fn.resize + fn.crop_mirror_normalize; None: when the plugin builds here.
+    fused_resize: bool | None = None
     # nvJPEG / pinned buffer hints (NVIDIA's ResNet-50 DALI recipe): avoid reallocations on big images.
     device_memory_padding: int = 211025920
     host_memory_padding: int = 140544512
@@ -128,15 +134,21 @@ def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, lay
     elif train:
         decoder.update(use_fast_idct=opts.use_fast_idct)  # eval keeps the accurate IDCT: reference pixels
     crop_pos = {}
+    normalize = dict(mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
     if train:
         # On CPU this decodes only the crop's region of the JPEG.
         images = fn.decoders.image_random_crop(
             jpegs, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder
         )
+        mirror = fn.random.coin_flip(probability=0.5)
+        if opts.fused_resize and not gpu:
+            images = fn.shardline_resize_normalize(
+                images, size=[image_size, image_size], dtype=out_dtype, output_layout=layout, mirror=mirror, **normalize
+            )
+            return images, labels
         images = fn.resize(
             images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=opts.antialias
         )
-        mirror = fn.random.coin_flip(probability=0.5)
     else:
         images = fn.decoders.image(jpegs, **decoder)
         images, crop_pos = eval_resize(jpegs, images, image_size)
@@ -147,8 +159,7 @@ def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, lay
         output_layout=layout,
         crop=(image_size, image_size),
         **crop_pos,
-        mean=[m * 255 for m in IMAGENET_MEAN],
-        std=[s * 255 for s in IMAGENET_STD],
+        **normalize,
         mirror=mirror,
     )
     if gpu:
@@ -195,6 +206,12 @@ class DaliBackend:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", self.device_id)
         self.opts = DaliOptions.from_machine(device, workers, options)
+        if self.gpu or not train:
+            self.opts.fused_resize = False  # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize
+        elif self.opts.fused_resize is None:
+            self.opts.fused_resize = dali_plugin.load()
+        elif self.opts.fused_resize and not dali_plugin.load():
+            raise RuntimeError("fused_resize=True, but shardline's DALI plugin could not be built (see the log)")
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
         self.pool = BufferPool()
 

@@ -95,7 +95,9 @@ class ShardRows(Dataset):
                 # The crop and flip of a sample depend on (seed, epoch, sample) only, not on which
                 # worker drew it or on what came before: a resumed epoch repeats them exactly.
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(aug_seed)
+                    # CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding,
+                    # which records a stack trace on every call (a quarter of the worker's time).
+                    torch.default_generator.manual_seed(aug_seed)
                     image = self.augment(data)
             else:
                 image = self.center(data)
