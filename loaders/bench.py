@@ -84,8 +84,8 @@ class TreeMonitor:
         self._thread.join()
 
 
-def batches_forever(kind: str, cfg: dict):
-    """Endless (images, labels) batches of one loader kind."""
+def batches_forever(kind: str, cfg: dict, info: dict | None = None):
+    """Endless (images, labels) batches of one loader kind; `info` gets what the backend chose."""
     import torch
 
     device = torch.device(cfg["device"])
@@ -104,6 +104,8 @@ def batches_forever(kind: str, cfg: dict):
             dtype=cfg["dtype"],
             options=cfg["options"].get(kind, {}),
         )
+        if info is not None and kind == "dali":
+            info["fused_resize"] = bool(loader.backend.opts.fused_resize)  # shardline's plugin, or DALI's resize
         epoch = 0
         while True:
             loader.set_epoch(epoch)
@@ -152,7 +154,8 @@ def measure(kind: str, cfg: dict, queue) -> None:
         import torch
 
         cuda = cfg["device"].startswith("cuda")
-        it = batches_forever(kind, cfg)
+        info: dict = {}
+        it = batches_forever(kind, cfg, info)
         with TreeMonitor() as mon:
             start = time.perf_counter()
             while time.perf_counter() - start < cfg["warmup"]:
@@ -185,6 +188,7 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 "batch_size": cfg["batch_size"],
                 "workers": cfg["workers"],
                 "image_size": cfg["image_size"],
+                **info,
             }
         )
     except BaseException as e:
@@ -242,8 +246,9 @@ def print_table(results: list[dict], title: str) -> None:
             table.add_row(r["backend"], r["device"], f"[red]{r['error']}[/red]", *[""] * 7)
             continue
         ratio = f"{r['images_per_sec'] / base:.2f}x" if base else "-"
+        fused = {True: " (fused resize)", False: " (DALI resize)"}.get(r.get("fused_resize"), "")
         table.add_row(
-            r["backend"],
+            r["backend"] + fused,
             r["device"],
             f"{r['images_per_sec']:.0f}",
             ratio,

@@ -109,7 +109,9 @@ def build() -> Path:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or done.stderr.splitlines()[-1:]
-                raise PluginBuildError(f"compiling {SOURCES[0].name} failed: {errors[0] if errors else done.returncode}")
+                raise PluginBuildError(
+                    f"compiling {SOURCES[0].name} failed: {errors[0] if errors else done.returncode}"
+                )
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
