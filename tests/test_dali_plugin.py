@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import build_photo_shards
 
 from loaders import dali_plugin
@@ -100,7 +101,7 @@ def test_float16_output(fn_types):
 
 def test_close_to_dalis_own_resize_and_crop_mirror_normalize(fn_types):
     """The fused op replaces fn.resize(linear, no antialias) + fn.crop_mirror_normalize in the CPU
-    train graph; DALI rounds its resized image to uint8, so the two agree to about one grey level."""
+    train graph; DALI rounds its resized image to uint8, so the two agree to half a grey level."""
     fn, types = fn_types
     from nvidia.dali import pipeline_def
 
@@ -119,7 +120,7 @@ def test_close_to_dalis_own_resize_and_crop_mirror_normalize(fn_types):
     fused, dali = p.run()
     for a, b in zip(fused, dali, strict=True):
         diff = np.abs(np.array(a) - np.array(b)) * STD[:, None, None]  # back to grey levels
-        assert diff.max() <= 1.5 and diff.mean() < 0.3
+        assert diff.max() <= 0.51 and diff.mean() < 0.3
 
 
 @pytest.mark.parametrize(
@@ -200,3 +201,32 @@ def test_loader_uses_the_plugin_and_falls_back_when_it_cannot_build(small_shards
     required = run_loader(small_shards, "on", broken)
     assert required.returncode != 0
     assert "fused_resize=True, but shardline's DALI plugin could not be built" in required.stderr
+
+
+def test_train_loader_fused_and_plain_graphs_give_the_same_images(fn_types, small_shards):
+    """Same seed, same crops and flips: only the resize differs (uint8 rounding in DALI's)."""
+    from loaders import make_loader
+
+    def first_batches(fused: bool):
+        ld = make_loader(
+            small_shards,
+            batch_size=8,
+            train=True,
+            backend="dali",
+            image_size=96,
+            seed=3,
+            options={"fused_resize": fused},
+        )
+        ld.set_epoch(1)
+        assert ld.backend.opts.fused_resize is fused
+        out = [(x.clone(), y.clone()) for x, y in ld]
+        ld.close()
+        return out
+
+    fused, plain = first_batches(True), first_batches(False)
+    assert len(fused) == len(plain) > 1
+    for (xf, yf), (xp, yp) in zip(fused, plain, strict=True):
+        assert xf.shape == xp.shape == (8, 3, 96, 96)
+        assert torch.equal(yf, yp)
+        grey = (xf - xp).abs() * torch.tensor(STD).view(1, 3, 1, 1)
+        assert grey.max() <= 0.51 and grey.mean() < 0.3  # DALI rounds its resized uint8 image: <= half a level
