@@ -61,6 +61,8 @@ def cuda_include_dirs() -> list[str]:
 def compile_command(output: Path) -> list[str]:
     import nvidia.dali.sysconfig as dali_sysconfig
 
+    if not SOURCES:
+        raise PluginBuildError(f"the plugin's source is missing from {Path(__file__).parent / 'native'}")
     cuda = cuda_include_dirs()
     if not cuda:
         raise PluginBuildError(
