@@ -131,7 +131,13 @@ def load() -> bool:
         try:
             import nvidia.dali.plugin_manager as plugin_manager
 
-            plugin_manager.load_library(str(build()))
+            lib = build()
+            try:
+                plugin_manager.load_library(str(lib))
+            except RuntimeError as e:  # a damaged cache entry (disk full, copied folder): rebuild it once
+                log.warning("cached DALI plugin %s does not load (%s); rebuilding it", lib, e)
+                lib.unlink(missing_ok=True)
+                plugin_manager.load_library(str(build()))
             _loaded = True
         except (PluginBuildError, OSError, RuntimeError) as e:
             log.warning("shardline DALI plugin unavailable, using DALI's resize on CPU (slower): %s", e)

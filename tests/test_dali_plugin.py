@@ -187,7 +187,7 @@ def small_shards(tmp_path_factory) -> str:
     return str(out)
 
 
-def test_loader_uses_the_plugin_and_falls_back_when_it_cannot_build(small_shards, tmp_path):
+def test_loader_uses_the_plugin_rebuilds_a_damaged_one_and_falls_back_when_it_cannot_build(small_shards, tmp_path):
     ok = run_loader(small_shards, "auto", {"SHARDLINE_CACHE_DIR": str(tmp_path / "ok")})
     assert ok.returncode == 0, ok.stderr
     assert "FUSED True (4, 3, 64, 64)" in ok.stdout
@@ -197,6 +197,15 @@ def test_loader_uses_the_plugin_and_falls_back_when_it_cannot_build(small_shards
     assert fallback.returncode == 0, fallback.stderr
     assert "FUSED False (4, 3, 64, 64)" in fallback.stdout  # DALI's resize instead, same output
     assert "shardline DALI plugin unavailable" in fallback.stderr
+
+    damaged = dali_plugin.library_path()  # as seen from this process: same sources, DALI and flags
+    damaged = tmp_path / "damaged" / damaged.relative_to(dali_plugin.cache_root())
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    rebuilt = run_loader(small_shards, "auto", {"SHARDLINE_CACHE_DIR": str(tmp_path / "damaged")})
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "does not load" in rebuilt.stderr and "FUSED True" in rebuilt.stdout
+    assert damaged.stat().st_size > 10_000  # replaced by a real build
 
     required = run_loader(small_shards, "on", broken)
     assert required.returncode != 0
