@@ -107,18 +107,17 @@ class ResizeNormalize : public ::dali::Operator<CPUBackend> {
   explicit ResizeNormalize(const ::dali::OpSpec &spec)
       : ::dali::Operator<CPUBackend>(spec),
         size_(spec.GetRepeatedArgument<int>("size")),
-        mean_(spec.GetRepeatedArgument<float>("mean")),
-        std_(spec.GetRepeatedArgument<float>("std")),
         dtype_(spec.GetArgument<DALIDataType>("dtype")),
         layout_(spec.GetArgument<std::string>("output_layout")) {
+    const auto mean = spec.GetRepeatedArgument<float>("mean"), stdev = spec.GetRepeatedArgument<float>("std");
     DALI_ENFORCE(size_.size() == 2 && size_[0] > 0 && size_[1] > 0, "size must be [height, width], both > 0");
-    DALI_ENFORCE(mean_.size() == kChannels && std_.size() == kChannels, "mean and std need 3 values (R, G, B)");
-    for (float s : std_) DALI_ENFORCE(s != 0.0f, "std must not be 0");
+    DALI_ENFORCE(mean.size() == kChannels && stdev.size() == kChannels, "mean and std need 3 values (R, G, B)");
     DALI_ENFORCE(dtype_ == DALI_FLOAT || dtype_ == DALI_FLOAT16, "dtype must be FLOAT or FLOAT16");
     DALI_ENFORCE(layout_ == "CHW" || layout_ == "HWC", "output_layout must be \"CHW\" or \"HWC\"");
-    for (size_t c = 0; c < mean_.size(); c++) {
-      mul_.push_back(1.0f / std_[c]);
-      add_.push_back(-mean_[c] / std_[c]);
+    for (int c = 0; c < kChannels; c++) {  // (x - mean) / std as x * mul + add
+      DALI_ENFORCE(stdev[c] != 0.0f, "std must not be 0");
+      mul_[c] = 1.0f / stdev[c];
+      add_[c] = -mean[c] / stdev[c];
     }
   }
 
@@ -127,17 +126,16 @@ class ResizeNormalize : public ::dali::Operator<CPUBackend> {
     const auto &input = ws.Input<CPUBackend>(0);
     DALI_ENFORCE(input.type() == DALI_UINT8, "input must be uint8 images");
     const int n = input.num_samples();
-    const int channels = kChannels;
     ::dali::TensorListShape<3> shape(n);
     for (int i = 0; i < n; i++) {
       auto in = input.tensor_shape(i);
-      DALI_ENFORCE(in.size() == 3 && in[2] == channels,
+      DALI_ENFORCE(in.size() == 3 && in[2] == kChannels,
                    ::dali::make_string("sample ", i, ": expected an RGB HWC image, got shape ", in));
       DALI_ENFORCE(in[0] > 0 && in[1] > 0, ::dali::make_string("sample ", i, ": empty image"));
       if (layout_ == "CHW")
-        shape.set_tensor_shape(i, {channels, size_[0], size_[1]});
+        shape.set_tensor_shape(i, {kChannels, size_[0], size_[1]});
       else
-        shape.set_tensor_shape(i, {size_[0], size_[1], channels});
+        shape.set_tensor_shape(i, {size_[0], size_[1], kChannels});
     }
     output_desc.resize(1);
     output_desc[0] = {shape, dtype_};
@@ -161,10 +159,10 @@ class ResizeNormalize : public ::dali::Operator<CPUBackend> {
           [=, this](int) {
             if (dtype_ == DALI_FLOAT)
               ResizeNormalizeSample(src, in_h, in_w, static_cast<float *>(dst), size_[0], size_[1], mirror,
-                                    chw, mul_.data(), add_.data());
+                                    chw, mul_, add_);
             else
               ResizeNormalizeSample(src, in_h, in_w, static_cast<::dali::float16 *>(dst), size_[0],
-                                    size_[1], mirror, chw, mul_.data(), add_.data());
+                                    size_[1], mirror, chw, mul_, add_);
           },
           static_cast<int64_t>(in_h) * in_w);
     }
@@ -173,7 +171,7 @@ class ResizeNormalize : public ::dali::Operator<CPUBackend> {
 
  private:
   std::vector<int> size_;
-  std::vector<float> mean_, std_, mul_, add_;
+  float mul_[kChannels], add_[kChannels];
   DALIDataType dtype_;
   std::string layout_;
 };
