@@ -94,15 +94,17 @@ class Progress:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def shards_done(self, names: list[str]) -> None:
+        # The artifact is updated inside the lock: two updates in flight at once can reach the
+        # server in either order, and a late, older count would overwrite the newer one.
         with self._lock:
             self.done.update(names)  # by name: a retried batch does not count its shards twice
             done = len(self.done)
-        try:
-            update_progress_artifact(
-                self.artifact_id, 100.0 * done / self.total, description=f"{done} of {self.total} shards"
-            )
-        except Exception as e:  # a busy server must not fail a written shard; the next update catches up
-            get_run_logger().warning("progress artifact not updated: %s", e)
+            try:
+                update_progress_artifact(
+                    self.artifact_id, 100.0 * done / self.total, description=f"{done} of {self.total} shards"
+                )
+            except Exception as e:  # a busy server must not fail a written shard; the next update catches up
+                get_run_logger().warning("progress artifact not updated: %s", e)
 
 
 @dataclass
