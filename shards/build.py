@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from shards.images import BadImage, pack
+from shards.interop import write_reader_files
 from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
 from shards.plan import ShardSpec, plan_split
 from shards.storage import Storage
@@ -188,7 +189,7 @@ def check_output(storage: Storage, plan: Plan) -> dict | None:
 
 
 def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardRecord], image_ext: str) -> dict:
-    """Write manifest.json (last, atomically) and drop the progress records."""
+    """Write the files for other readers, then manifest.json (last, atomically); drop the progress records."""
     by_name = {r.name: r for r in records}
     missing = [s.name for s in plan.shards if s.name not in by_name]
     if missing:
@@ -205,6 +206,7 @@ def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardReco
         }
         m["quarantine"] += [q.to_json() for q in plan.source_quarantine.get(split, [])]
         m["quarantine"] += [q for r in recs for q in r.quarantine]
+    write_reader_files(storage, m)  # timm's _info.json, wids indexes: before the completeness marker
     write_manifest(storage, m)
     for s in plan.shards:
         storage.remove(_record_name(s))
