@@ -74,7 +74,9 @@ def image_grid(
     for i, pic in enumerate(pics):
         x0, y0 = padding + (i % columns) * step_x, padding + (i // columns) * step_y
         if max(pic.size) != cell:
-            pic = ImageOps.contain(pic, (cell, cell), Image.Resampling.BICUBIC)  # up or down, aspect kept
+            # Aspect kept; enlarged with NEAREST so the real pixels stay visible, reduced smoothly.
+            up = max(pic.size) < cell
+            pic = ImageOps.contain(pic, (cell, cell), Image.Resampling.NEAREST if up else Image.Resampling.BICUBIC)
         grid.paste(pic, (x0 + (cell - pic.width) // 2, y0 + (cell - pic.height) // 2))
         is_marked = bool(marked and marked[i])
         if is_marked:

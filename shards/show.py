@@ -94,7 +94,7 @@ def read_samples(path: str, split: str = "train", count: int = 32, seed: int = 0
 
 def caption(s: StoredSample, classes: list[dict]) -> str:
     name = classes[s.label]["name"] if 0 <= s.label < len(classes) else "?"
-    lines = [f"{s.label} {name}", s.key]
+    lines = [f"{name} ({s.label})", s.key]
     if s.meta.get("repaired"):
         lines.append(f"repaired: {s.meta['repaired']}")
     if s.problem:

@@ -15,17 +15,10 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
-# The loader normalizes with the ImageNet mean/std (DESIGN.md section 6).
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Normalized N x 3 x H x W (any float dtype, any device) -> float32 pixels in [0, 1] on CPU."""
-    x = images.detach().float().cpu()
-    return (x * STD + MEAN).clamp(0, 1)
+from loaders.show import batch_grid
 
 
 def write_json_atomic(path: str, obj: object) -> None:
@@ -88,11 +81,10 @@ class Reporter:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def image_grid(self, images: torch.Tensor, tag: str = "train/first_batch", max_images: int = 64) -> None:
+        """The batch as the model sees it, drawn by the same grid as `python -m loaders.show`."""
         if self.active:
-            from torchvision.utils import make_grid
-
-            grid = make_grid(denormalize(images[:max_images]), nrow=8, padding=2)
-            self.tb.add_image(tag, grid, 0)
+            grid = np.asarray(batch_grid(images[:max_images]))
+            self.tb.add_image(tag, grid, 0, dataformats="HWC")
             self.tb.flush()
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
