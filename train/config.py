@@ -70,6 +70,9 @@ class Config:
     seed: int = 0
     log_every: int = 20
     progress: str = "auto"
+    # sanity check (train/overfit.py)
+    overfit_batches: int | None = None
+    overfit_steps: int = 500
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -392,6 +395,22 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         ),
     ),
     (
+        ("--overfit-batches",),
+        "overfit_batches",
+        dict(
+            type=int,
+            metavar="N",
+            help="sanity check instead of a run: take the first N training batches once, without augmentation, "
+            "and train on them until they are memorized (loss near 0, train top-1 100%%); writes "
+            '"overfit" to OUTPUT/summary.json and exits 1 if it fails within --overfit-steps',
+        ),
+    ),
+    (
+        ("--overfit-steps",),
+        "overfit_steps",
+        dict(type=int, metavar="STEPS", help="optimizer-step budget of --overfit-batches"),
+    ),
+    (
         ("--progress",),
         "progress",
         dict(
@@ -489,7 +508,11 @@ def validate(cfg: Config) -> None:
         if cfg.data and cfg.val_shards:
             raise ConfigError("--val-shards goes with --shards; with --data the val split of the manifest is used")
         check_arch(cfg.arch)
-    for name in ("epochs", "batch_size", "accum_steps", "lr", "image_size", "log_every"):
+    if cfg.overfit_batches is not None:
+        if cfg.evaluate:
+            raise ConfigError("--overfit-batches trains; it does not go with --evaluate")
+        _positive(cfg, "overfit_batches")
+    for name in ("epochs", "batch_size", "accum_steps", "lr", "image_size", "log_every", "overfit_steps"):
         _positive(cfg, name)
     for name in ("wd", "warmup_epochs", "min_lr", "mixup", "cutmix", "clip_grad", "checkpoint_minutes", "workers"):
         _positive(cfg, name, allow_zero=True)

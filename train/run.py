@@ -22,6 +22,7 @@ from train import distributed
 from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, uses_small_stem
+from train.overfit import run_overfit
 from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
 from train.report import Reporter
 
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
     d = distributed.setup()
     try:
+        if cfg.overfit_batches:
+            return overfit(cfg, d)
         return evaluate_only(cfg, d) if cfg.evaluate else train(cfg, d)
     except (SetupError, NonFiniteLoss, DecodeError) as e:
         print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {e}", file=sys.stderr)
@@ -378,6 +381,23 @@ def _check_compatible(ck: dict, cfg: Config, num_classes: int, d: distributed.Di
             f"checkpoint stopped mid-epoch on world size {ck.get('world_size')}; resume it on the same world size "
             f"(this run has {d.world_size})"
         )
+
+
+# -- sanity check: --overfit-batches N (train/overfit.py) -------------------------------------------
+
+
+def overfit(cfg: Config, d: distributed.Dist) -> int:
+    if d.enabled:
+        raise SetupError("--overfit-batches runs in one process: start it with python -m train, not torchrun")
+    seed_everything(cfg)
+    spec = cfg.data or (cfg.shards if len(cfg.shards) > 1 else cfg.shards[0])
+    # train=False: the evaluation transform, i.e. the same pixels in every pass (no augmentation)
+    loader = _loader(cfg, d, spec, train=False, batch_size=cfg.batch_size, split="train" if cfg.data else None)
+    num_classes, _ = num_classes_of(cfg, loader)
+    try:
+        return run_overfit(cfg, loader, make_model(cfg, d, num_classes), d.device)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
 
 
 # -- evaluation only -------------------------------------------------------------------------------
