@@ -23,8 +23,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import lightning as L
 import torch
+
+try:
+    import lightning as L
+except ImportError as e:  # an optional extra: say how to get it
+    raise ImportError("loaders.lightning needs Lightning: pip install 'shardline[lightning]'") from e
 
 from loaders.api import Loader, make_loader
 

@@ -7,8 +7,10 @@ import sys
 import click
 from tqdm import tqdm
 
+from shards.interop import check_reader_files
 from shards.manifest import ManifestError, read_manifest
-from shards.verify import verify
+from shards.storage import Storage
+from shards.verify import ShardCheck, verify
 
 
 @click.group()
@@ -30,6 +32,7 @@ def verify_cmd(path: str, decode: bool) -> None:
     total = sum(len(s["shards"]) for s in m["splits"].values())
     with tqdm(total=total, unit="shard", desc="verify", disable=None) as bar:
         checks = verify(path, decode=decode, progress=lambda c: bar.update())
+    checks += [ShardCheck(name, problems) for name, problems in check_reader_files(Storage(path), m).items()]
     bad = [c for c in checks if c.problems]
     for c in bad:
         click.echo(f"BAD {c.name}: {'; '.join(c.problems)}", err=True)

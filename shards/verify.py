@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from shards.interop import check_reader_files
 from shards.manifest import read_manifest
 from shards.storage import Storage
 
@@ -104,7 +103,7 @@ def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> 
 
 
 def verify(root: str, decode: bool = False, progress=None) -> list[ShardCheck]:
-    """Check every shard of every split, then the files for other readers; returns the checks (empty problems = good)."""
+    """Check every shard of every split; returns the checks (empty problems = good)."""
     storage = Storage(root)
     m = read_manifest(storage)
     checks = []
@@ -113,5 +112,4 @@ def verify(root: str, decode: bool = False, progress=None) -> list[ShardCheck]:
             checks.append(check_shard(storage, entry, m["image_ext"], decode))
             if progress:
                 progress(checks[-1])
-    checks += [ShardCheck(name, problems) for name, problems in check_reader_files(storage, m).items()]
     return checks

@@ -26,6 +26,7 @@ from ilsvrc_fixture import DEVKIT, TRAIN_TAR, VAL_TAR, make_ilsvrc
 from PIL import Image
 
 from shards.build import build
+from shards.interop import reader_files
 from shards.manifest import MANIFEST
 from shards.sources.imagenet import ImageNetSource
 from shards.storage import TMP_MARK
@@ -138,7 +139,8 @@ def test_nothing_written_outside_output_and_nothing_extracted(built):
     assert sorted(os.listdir(built["root"])) == sorted([DEVKIT, TRAIN_TAR, VAL_TAR])
     shards = {s["name"] for sp in built["manifest"]["splits"].values() for s in sp["shards"]}
     indexes = {s["index"] for sp in built["manifest"]["splits"].values() for s in sp["shards"]}
-    assert set(os.listdir(out)) == shards | indexes | {MANIFEST}
+    readers = set(reader_files(built["manifest"]))  # _info.json (timm), *.wids.json
+    assert set(os.listdir(out)) == shards | indexes | readers | {MANIFEST}
 
 
 def test_manifest_and_shards_verify(built):

@@ -28,6 +28,7 @@ import flows.download as fd
 from flows.build_shards import build_shards
 from flows.cli import main
 from shards.fetch import RetryPolicy
+from shards.interop import reader_files
 from shards.manifest import read_manifest
 from shards.storage import TMP_MARK
 
@@ -100,7 +101,7 @@ def test_url_source_with_faults_to_s3_equals_clean_local_build(served, clean, fa
     assert m["splits"] == clean_m["splits"] and m["classes"] == clean_m["classes"]
     want = local_digests(clean_out, clean_m)
     assert {n: remote[n] for n in want} == want
-    assert names == set(want) | {"manifest.json"}, names - set(want)
+    assert names == set(want) | set(reader_files(m)) | {"manifest.json"}, names - set(want)
     assert not any(TMP_MARK in n for n in names)
     # The cache holds the three verified archives (with their MD5 sidecars) and no .part.
     cached = sorted(os.listdir(tmp_path / "cache"))
