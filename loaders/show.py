@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders.api import IMAGENET_MEAN, IMAGENET_STD, Loader, make_loader
+from loaders.api import IMAGENET_MEAN, IMAGENET_STD, DecodeError, Loader, make_loader
 from shards.grid import image_grid
 
 MIN_CELL = 128  # small crops (CIFAR's 32 px) are enlarged to this, so they and their captions can be read
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             split=args.split,
         )
         images, labels, valid, keys = first_batch(loader)
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, DecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     captions = captions_for(labels, keys, loader.classes)

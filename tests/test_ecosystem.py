@@ -106,11 +106,13 @@ def test_verify_checks_the_reader_files(demo, tmp_path):
     info["splits"]["train"]["shard_lengths"][2] += 1
     (copy / TIMM_INFO).write_text(json.dumps(info))
     (copy / "demo-val.wids.json").unlink()
+    (copy / "demo-train.wids.json").write_text('{"__kind__": "wids-shard-index-v1", ')  # cut short
     bad = cli("verify", str(copy))
     assert bad.returncode == 1
     assert "BAD _info.json: splits.train.shard_lengths.2 is 9, the manifest says 8" in bad.stderr
     assert "BAD demo-val.wids.json: missing" in bad.stderr
-    assert "2 of 10 files are bad" in bad.stderr
+    assert "BAD demo-train.wids.json: not valid JSON" in bad.stderr
+    assert "3 of 10 files are bad (7 shards, 3 reader files)" in bad.stderr
 
 
 def test_timm_reads_every_sample_with_its_label(demo):
