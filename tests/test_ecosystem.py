@@ -8,10 +8,7 @@ is checked against the bytes, not against our own reading code.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,13 +21,14 @@ from shards.manifest import MANIFEST, read_manifest
 from shards.sources.demo import DemoSource
 from shards.types import Options
 
-ROOT = Path(__file__).resolve().parent.parent
 
+def cli(*args: str):
+    """`python -m shards ...`: the real click command, run in this process (AWS variables as set now)."""
+    from click.testing import CliRunner
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m shards ...` in a fresh interpreter, as a user runs it (AWS variables as set now)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "shards", *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    from shards.__main__ import cli as shards_cli
+
+    return CliRunner().invoke(shards_cli, list(args))
 
 
 def build_demo(out: Path | str) -> dict:
@@ -100,7 +98,7 @@ def test_verify_checks_the_reader_files(demo, tmp_path):
     shutil.copytree(demo, copy)
 
     ok = cli("verify", str(copy))
-    assert ok.returncode == 0, ok.stderr
+    assert ok.exit_code == 0, ok.output
     assert "3 reader files" in ok.stdout
     info = json.loads((copy / TIMM_INFO).read_text())
     info["splits"]["train"]["shard_lengths"][2] += 1
@@ -108,7 +106,7 @@ def test_verify_checks_the_reader_files(demo, tmp_path):
     (copy / "demo-val.wids.json").unlink()
     (copy / "demo-train.wids.json").write_text('{"__kind__": "wids-shard-index-v1", ')  # cut short
     bad = cli("verify", str(copy))
-    assert bad.returncode == 1
+    assert bad.exit_code == 1
     assert "BAD _info.json: splits.train.shard_lengths.2 is 9, the manifest says 8" in bad.stderr
     assert "BAD demo-val.wids.json: missing" in bad.stderr
     assert "BAD demo-train.wids.json: not valid JSON" in bad.stderr
@@ -177,7 +175,7 @@ def test_reader_files_on_s3_and_show_from_a_bucket(tmp_path):
             assert json.loads(storage.read_bytes(name)) == doc
         out = tmp_path / "grid.png"
         r = cli("verify", "s3://team-data/demo")
-        assert r.returncode == 0 and "3 reader files" in r.stdout, r.stderr
+        assert r.exit_code == 0 and "3 reader files" in r.stdout, r.output
         r = cli("show", "s3://team-data/demo", "--split", "val", "--count", "5", "--output", str(out))
-        assert r.returncode == 0, r.stderr
+        assert r.exit_code == 0, r.output
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,6 +24,8 @@ from shards.types import Options
 
 ARGS = dict(batch_size=4, image_size=16, backend="pytorch", workers=0, seed=3)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:

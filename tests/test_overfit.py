@@ -17,6 +17,8 @@ from shards.types import Options
 from train.overfit import PASS_LOSS
 from train.run import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:

@@ -59,6 +59,9 @@ class ColourSource:
         return []
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def colours(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("show") / "colours"
