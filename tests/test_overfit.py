@@ -48,7 +48,8 @@ def test_demo_preset_memorizes_one_batch(demo, tmp_path, capsys):
 
 
 def test_a_failing_overfit_exits_1_and_names_the_usual_causes(demo, tmp_path, capsys):
-    args = ["--data", str(demo), "--preset", "demo", "--overfit-batches", "1", "--workers", "0"]
+    # --shards FOLDER: the train split still (the 10 val images would not fill one batch)
+    args = ["--shards", str(demo), "--preset", "demo", "--overfit-batches", "1", "--workers", "0"]
     rc, err = run(capsys, *args, "--output", str(tmp_path), "--lr", "1e-9", "--overfit-steps", "3")
     assert rc == 1
     o = json.loads((tmp_path / "summary.json").read_text())["overfit"]

@@ -38,6 +38,10 @@ FAILURE_HINTS = (
 )
 
 
+class TooFewBatches(ValueError):
+    """The training data holds fewer full batches than --overfit-batches asks for."""
+
+
 @dataclass
 class OverfitResult:
     passed: bool
@@ -55,7 +59,7 @@ def take_batches(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first n batches of epoch 0, read once and kept (on the loader's device)."""
     full = loader.num_samples // loader.batch_size  # the last, padded batch would repeat samples
     if n > full:
-        raise ValueError(
+        raise TooFewBatches(
             f"--overfit-batches {n}: the training data has only {full} full batches of {loader.batch_size}"
         )
     loader.set_epoch(0)

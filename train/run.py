@@ -22,7 +22,7 @@ from train import distributed
 from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, uses_small_stem
-from train.overfit import run_overfit
+from train.overfit import TooFewBatches, run_overfit
 from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
 from train.report import Reporter
 
@@ -392,11 +392,11 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
     seed_everything(cfg)
     spec = cfg.data or (cfg.shards if len(cfg.shards) > 1 else cfg.shards[0])
     # train=False: the evaluation transform, i.e. the same pixels in every pass (no augmentation)
-    loader = _loader(cfg, d, spec, train=False, batch_size=cfg.batch_size, split="train" if cfg.data else None)
+    loader = _loader(cfg, d, spec, train=False, batch_size=cfg.batch_size, split="train")
     num_classes, _ = num_classes_of(cfg, loader)
     try:
         return run_overfit(cfg, loader, make_model(cfg, d, num_classes), d.device)
-    except ValueError as e:
+    except TooFewBatches as e:
         raise SetupError(str(e)) from None
 
 
