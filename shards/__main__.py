@@ -8,6 +8,7 @@ import click
 from tqdm import tqdm
 
 from shards.interop import check_reader_files
+from shards.interop import write_reader_files as write_files
 from shards.manifest import ManifestError, read_manifest
 from shards.storage import Storage
 from shards.verify import ShardCheck, verify
@@ -21,7 +22,12 @@ def cli() -> None:
 @cli.command("verify")
 @click.argument("path")
 @click.option("--decode", is_flag=True, help="Also decode every image (slower; catches corrupt pixels).")
-def verify_cmd(path: str, decode: bool) -> None:
+@click.option(
+    "--write-reader-files",
+    is_flag=True,
+    help="First (re)write _info.json and the wids indexes from the manifest (for sets built before they existed).",
+)
+def verify_cmd(path: str, decode: bool, write_reader_files: bool) -> None:
     """Recheck every shard under PATH (folder or s3:// URL with manifest.json): sha256, sizes,
     sample counts and the DALI index, then the files for other readers (timm's _info.json, the
     wids indexes) against the manifest; exits 1 naming the bad files."""
@@ -29,6 +35,8 @@ def verify_cmd(path: str, decode: bool) -> None:
         m = read_manifest(path)
     except (ManifestError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    if write_reader_files:
+        click.echo(f"wrote {', '.join(write_files(Storage(path), m))}")
     total = sum(len(s["shards"]) for s in m["splits"].values())
     with tqdm(total=total, unit="shard", desc="verify", disable=None) as bar:
         checks = verify(path, decode=decode, progress=lambda c: bar.update())

@@ -85,7 +85,7 @@ def check_reader_files(storage: Storage, manifest: dict) -> dict[str, list[str]]
         try:
             got = json.loads(storage.read_bytes(name))
         except FileNotFoundError:
-            out[name] = ["missing (sets built before reader files existed lack it; rebuild into a new --output)"]
+            out[name] = ["missing (a set built before reader files existed? add --write-reader-files)"]
             continue
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             out[name] = [f"not valid JSON: {e}"]

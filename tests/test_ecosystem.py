@@ -111,6 +111,9 @@ def test_verify_checks_the_reader_files(demo, tmp_path):
     assert "BAD demo-val.wids.json: missing" in bad.stderr
     assert "BAD demo-train.wids.json: not valid JSON" in bad.stderr
     assert "3 of 10 files are bad (7 shards, 3 reader files)" in bad.stderr
+    fixed = cli("verify", str(copy), "--write-reader-files")
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads((copy / TIMM_INFO).read_text()) == reader_files(read_manifest(str(copy)))[TIMM_INFO]
 
 
 def test_timm_reads_every_sample_with_its_label(demo):
