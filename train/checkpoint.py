@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
 import tempfile
 
 import numpy as np
@@ -76,25 +75,15 @@ def save_atomic(payload: dict, path: str, *, keep_previous: bool = False) -> Non
             os.fsync(f.fileno())
         _read(tmp, mmap=True)  # complete and loadable, or the old file stays as it is
         if keep_previous and os.path.exists(path):
-            _keep_as_previous(path, os.path.join(folder, PREVIOUS))
+            # Two renames, never a copy or a shared inode: a kill between them leaves previous.pt
+            # and no last.pt, which load_latest reads as "fall back".
+            os.replace(path, os.path.join(folder, PREVIOUS))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     _fsync_dir(folder)  # the renames themselves survive a power cut
-
-
-def _keep_as_previous(path: str, previous: str) -> None:
-    """previous <- path, atomically, while path itself stays in place (a hard link: no copy)."""
-    tmp = previous + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(path, tmp)
-    except OSError:  # a file system without hard links
-        shutil.copy2(path, tmp)
-    os.replace(tmp, previous)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -152,13 +141,20 @@ def load(path: str) -> dict:
     return _read(path)
 
 
+def has_checkpoint(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (LAST, PREVIOUS))
+
+
 def load_latest(folder: str) -> tuple[dict, str, str | None]:
     """(checkpoint, its path, a warning or None) from last.pt, or previous.pt when last.pt is damaged.
 
-    Only damage falls back: a refused (unsafe) or too-new last.pt is an error, not skipped.
+    Only damage (or a last.pt missing beside a previous.pt) falls back: a refused (unsafe) or
+    too-new last.pt is an error, not skipped.
     """
     last, previous = os.path.join(folder, LAST), os.path.join(folder, PREVIOUS)
     try:
+        if not os.path.exists(last) and os.path.exists(previous):
+            raise DamagedCheckpoint(f"checkpoint {last} is missing (the run stopped while saving)")
         return _read(last), last, None
     except DamagedCheckpoint as e:
         if not os.path.exists(previous):

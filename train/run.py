@@ -170,7 +170,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     ckpt_dir = os.path.join(cfg.output, "checkpoints")
     last_path = os.path.join(ckpt_dir, ckpt_io.LAST)
     resume_from = cfg.resume if cfg.resume not in (None, "auto") else None
-    if resume_from is None and not cfg.no_auto_resume and os.path.isfile(last_path):
+    if resume_from is None and not cfg.no_auto_resume and ckpt_io.has_checkpoint(ckpt_dir):
         resume_from = last_path
     samples_base = 0  # samples trained on in the epochs before state.epoch (all ranks): the schedule's clock
     if resume_from:
