@@ -7,6 +7,7 @@ are in-process (the same main() as `python -m train`, without a fresh interprete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,10 +77,8 @@ def descendants(pid: int) -> list[int]:
 
 def kill_9_all(pid: int) -> None:
     for p in [*descendants(pid), pid]:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # gone already
             os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def start_and_kill_mid_epoch(cmd: list[str], out: Path, epoch: int, min_batches: int) -> None:
