@@ -25,6 +25,9 @@ Layout (a plain dict, versioned by "format" and "format_version"):
     ranks        per rank: loader state_dict, RNG states (torch, cuda, numpy, python,
                  mixup), and the epoch's running sums (loss, count, seconds)
     history      the metrics.jsonl lines of finished epochs (rewritten from here on resume)
+    samples_seen, samples_before_epoch   samples trained on (all ranks) in all, and before this
+                 epoch: the lr schedule's clock when the world size or batch changes (train/elastic.py)
+    format, format_version   "shardline-checkpoint", FORMAT_VERSION (added by save_atomic)
     best_val_top1, config, arch, num_classes, classes, image_size, stem, world_size
 """
 
