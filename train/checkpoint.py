@@ -46,7 +46,14 @@ FORMAT = "shardline-checkpoint"
 FORMAT_VERSION = 2  # 1: before versions (numpy arrays in the RNG state, no "format_version")
 # What torch.load(weights_only=True) may build beyond plain data: numpy's MT19937 state in
 # version-1 checkpoints. Nothing that can be called.
-ALLOWED_GLOBALS = [np.dtype, np.ndarray, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+_reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+ALLOWED_GLOBALS = [
+    np.dtype,
+    np.ndarray,
+    type(np.dtype(np.uint32)),
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),  # as numpy 2 pickles it
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),  # as numpy 1 did
+]
 
 
 class CheckpointError(ValueError):
@@ -126,7 +133,7 @@ def _read(path: str, mmap: bool = False) -> dict:
 
 
 def _foreign_globals(path: str) -> list[str]:
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:
