@@ -8,7 +8,7 @@ graphs --repeats times each in one process (A, B, A, B, ...: a shared machine's 
 minutes, alternation spreads it over both), two epochs per measurement, the first batch (pipeline
 build) left out. "dali-random" swaps in what the loader used before issue 15:
 fn.decoders.image_random_crop + fn.random.coin_flip, seeded per pipeline. Prints images/s per
-repeat and the median.
+repeat and the median, and CPU ms per image (all threads: what a loaded machine cannot inflate).
 """
 
 from __future__ import annotations
@@ -34,20 +34,22 @@ def dali_random(jpegs, params, decoder):
     return images, fn.random.coin_flip(probability=0.5)
 
 
-def images_per_sec(spec: str, batch_size: int, workers: int) -> float:
+def measure(spec: str, batch_size: int, workers: int) -> tuple[float, float]:
+    """(images/s wall, CPU ms per image over all the process's threads): CPU time is what load cannot inflate."""
     from loaders import make_loader
 
     ld = make_loader(spec, batch_size=batch_size, train=True, backend="dali", workers=workers, image_size=224)
-    n, t0 = 0, None
+    n, t0, c0 = 0, None, None
     for epoch in range(2):
         ld.set_epoch(epoch)
         for images, _ in ld:
             if t0 is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 continue
             n += images.shape[0]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ld.close()
-    return n / (time.perf_counter() - t0)
+    return n / wall, 1000 * cpu / n
 
 
 def main() -> None:
@@ -65,13 +67,17 @@ def main() -> None:
     spec = tempfile.mkdtemp(prefix="bench-crops-")
     build_bench_shards(args.photos, spec, args.copies, 100, workers=1)
     graphs = {"dali-per-sample (now)": dali_crops.random_resized_crop, "dali-random (before)": dali_random}
-    results: dict[str, list[float]] = {name: [] for name in graphs}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in graphs}
     for _ in range(args.repeats):
         for name, impl in graphs.items():
             dali_crops.random_resized_crop = impl
-            results[name].append(images_per_sec(spec, args.batch_size, args.workers))
+            results[name].append(measure(spec, args.batch_size, args.workers))
     for name, values in results.items():
-        print(f"{name}: {' '.join(f'{v:.0f}' for v in values)} img/s, median {statistics.median(values):.0f}")
+        rates, cpu = [v[0] for v in values], [v[1] for v in values]
+        print(
+            f"{name}: {' '.join(f'{v:.0f}' for v in rates)} img/s (median {statistics.median(rates):.0f}); "
+            f"CPU {' '.join(f'{v:.2f}' for v in cpu)} ms/image (median {statistics.median(cpu):.2f})"
+        )
 
 
 if __name__ == "__main__":
