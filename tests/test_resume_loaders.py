@@ -120,6 +120,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_to_three_to_one_reads_every_sample_once_with_the_same_crops(unique_shards):
     # forkserver: one fresh process imports torch, torchvision and DALI once, and forks the ranks
     # from it (spawn would import them in each rank: most of this test's time on a small machine).

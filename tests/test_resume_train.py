@@ -109,6 +109,7 @@ def start_and_kill_mid_epoch(cmd: list[str], out: Path, epoch: int, min_batches:
     assert not (out / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_dali_kill_9_twin_equals_uninterrupted_even_from_a_damaged_last_pt(tiny, tmp_path, capsys):
     common = ["--data", str(tiny), *TINY, "--backend", "dali", "--epochs", "2", "--deterministic"]
     straight = tmp_path / "straight"
@@ -133,6 +134,7 @@ def test_dali_kill_9_twin_equals_uninterrupted_even_from_a_damaged_last_pt(tiny,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_killed_resume_as_one(tiny, tmp_path, capsys):
     out = tmp_path / "elastic"
     args = ["--data", str(tiny), *TINY, "--backend", "pytorch", "--workers", "0", "--epochs", "1"]
