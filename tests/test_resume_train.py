@@ -209,3 +209,41 @@ def test_checkpoint_versions_and_fallback_units(tmp_path):
     old = tmp_path / "old.pt"
     torch.save({"model": {}, "rng": {"numpy": np.random.get_state()}}, old)
     assert ckpt_io.load(str(old))["rng"]["numpy"][0] == "MT19937"
+
+
+def test_elastic_rule_units(tiny):
+    from loaders import make_loader
+    from train import elastic
+
+    # A checkpoint of 8 processes x 256 (base lr 0.1: peak 0.8), mid-epoch 12, every rank 5 of 6 batches in.
+    old = make_loader(str(tiny), batch_size=1, train=True, backend="pytorch", workers=0, rank=3, world_size=8)
+    old.load_state_dict({**old.state_dict(), "epoch": 12, "batches": 5})
+    ranks = [
+        {
+            "loader": old.state_dict(),
+            "loss_sum": 2.0 * r,
+            "seen": 5,
+            "seconds": 10.0 + r,
+            "wait_seconds": 1.0,
+            "lr": 0.5,
+        }
+        for r in range(8)
+    ]
+    ck = {
+        "config": {"batch_size": 256, "lr": 0.1},
+        "world_size": 8,
+        "epoch": 12,
+        "batches": 5,
+        "global_step": 12 * 6 + 5,
+        "ranks": ranks,
+    }
+    assert elastic.samples_seen(ck) == (12 * 6 + 5) * 2048  # no samples_seen recorded: steps x global batch
+    assert not elastic.same_shape(ck, 4, 256, 1) and elastic.same_shape(ck, 8, 256, 1)
+    new = make_loader(str(tiny), batch_size=1, train=True, backend="pytorch", workers=0, rank=0, world_size=4)
+    state, line = elastic.resume(ck, new, rank=0, world_size=4, global_batch=1024, peak=0.4)
+    assert line == "resumed 8 -> 4 processes at epoch 12, 83% through; global batch 2048 -> 1024, lr 0.8 -> 0.4"
+    assert state.global_step == 2 * (12 * 6 + 5)  # the same samples seen, in steps of half the size
+    assert (state.loss_sum, state.seen) == (56.0, 40) and state.seconds == pytest.approx(13.5)  # the old totals
+    assert len(new) - state.batches == 2  # 8 of 48 samples left, on 4 ranks of 1
+    other, _ = elastic.resume(ck, new, rank=1, world_size=4, global_batch=1024, peak=0.4)
+    assert (other.loss_sum, other.seen) == (0.0, 0) and other.seconds == pytest.approx(13.5)  # summed once
