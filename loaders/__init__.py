@@ -35,14 +35,30 @@ Contract (the trainer can rely on every point):
     number of real samples this rank yields this epoch.
 - set_epoch(e) selects epoch e's order (deterministic in (seed, e), same on every backend).
   Call it before each epoch; without a call the loader repeats the current epoch.
-- state_dict() -> {"epoch", "batches", ...}: the epoch and how many batches of it were yielded.
-  load_state_dict(state) makes the next iteration start at exactly the next batch of that epoch
-  (samples before it are skipped in the sample list, not decoded). set_epoch(state["epoch"])
-  after load_state_dict keeps that position; set_epoch of another epoch starts it from batch 0.
-  A checkpoint taken on world_size W resumes only on world_size W (checked). Random crops and
-  flips: the pytorch backend draws them per sample from (seed, epoch, sample), so a resumed
-  epoch repeats them exactly; the dali backend seeds its pipeline from (seed, epoch, rank), so
-  a resumed epoch reads exactly the same samples with fresh random crops.
+- state_dict() -> {"format", "version", "epoch", "batches", ...}: plain ints and lists, versioned
+  (loaders/sharding.py; an unknown version fails with a clear message). load_state_dict(state)
+  makes the next iteration start at exactly the next batch of that epoch (samples before it are
+  skipped in the sample list, not decoded). set_epoch(state["epoch"]) after load_state_dict keeps
+  that position; set_epoch of another epoch starts it from batch 0. Another seed or data set is
+  refused.
+  * Same world_size and batch_size: the same plan at the same batch, so the rest of the epoch
+    is exactly what the uninterrupted run would have read, batch for batch.
+  * Elastic: a state taken on any rank at a batch boundary loads into loaders of another
+    world_size and/or per-rank batch_size. Together the new ranks read exactly the samples the
+    old ones had not read this epoch (for drop_last, those the old plan would have read), each
+    once, in their order, cut into near-equal contiguous parts; every rank gets the same len(),
+    padded by repeating its own rows, padding flagged by with_valid() and last. For that epoch
+    len() counts the samples read before the change as whole batches of the new shape
+    (state_dict()["batches"] starts there), so len() - state["batches"] batches are left;
+    loader.progress is the share of the epoch read so far. The next epoch is the normal plan
+    of the new world size.
+- Random crops and flips are a function of (seed, epoch, sample) on both backends (the pytorch
+  backend seeds torch's generator per sample; the dali backend feeds per-sample uniforms to the
+  graph, loaders/dali_crops.py), so a resumed epoch, at any world size or batch size, crops and
+  flips every sample as the uninterrupted run does. On one placement the pixels are identical;
+  between DALI on CPU and on GPU the crop rectangle and flip of a sample are the same while the
+  pixels agree only to the decoders' and resamplers' rounding (libjpeg-turbo vs nvJPEG), and the
+  two backends draw different rectangles from the same distribution.
 - train=True: random-resized-crop (area 0.08..1, ratio 3/4..4/3) to image_size + horizontal flip;
   train=False: resize shorter side to int(image_size / 0.875), center crop image_size.
   Normalized with the ImageNet mean/std; dtype torch.float32 / float16 / bfloat16;
@@ -55,7 +71,7 @@ torchvision decoding and RandomResizedCrop semantics in DataLoader workers), "au
 it imports, else pytorch). `options=` takes each backend's knobs (DaliOptions in
 loaders/dali.py, TorchOptions in loaders/pytorch.py); defaults come from the machine.
 Other attributes: loader.batch_size, loader.num_samples (whole split), loader.epoch,
-loader.backend_name, loader.plan() (this rank's rows for the epoch, for debugging).
+loader.backend_name, loader.progress, loader.plan() (this rank's rows for the epoch, for debugging).
 """
 
 from loaders.api import DecodeError, Loader, make_loader

@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from loaders import sharding
 from loaders.sharding import EpochPlan, num_batches, plan_epoch
 from loaders.spec import Shard, open_binary, open_shards
 
@@ -97,6 +98,7 @@ class Loader:
             )  # raises the explanatory error
         self.epoch = 0
         self._done = 0  # batches of self.epoch yielded (or skipped by a resume)
+        self._cut = sharding.Position()  # an elastic resume's rest of self.epoch (segments None: the normal plan)
 
     # -- what the trainer reads -------------------------------------------------------------
     @property
@@ -112,10 +114,26 @@ class Loader:
         return self.backend.name
 
     def __len__(self) -> int:
-        return self._len
+        if self._cut.segments is None:
+            return self._len
+        rest = sharding.segments_length(self._cut.segments)
+        return self._cut.offset + sharding.rest_batches(rest, batch_size=self.batch_size, world_size=self.world_size)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
-        """This rank's rows for an epoch (default: the current one), from batch 0."""
+        """This rank's rows for an epoch (default: the current one), from batch 0.
+
+        After an elastic resume, the current epoch's plan is the rest of it, from batch `offset`.
+        """
+        if self._cut.segments is not None and epoch in (None, self.epoch):
+            return sharding.plan_rest(
+                self.counts,
+                self._cut.segments,
+                batch_size=self.batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.seed,
+                epoch=self.epoch,
+            )
         return plan_epoch(
             self.counts,
             batch_size=self.batch_size,
@@ -134,41 +152,72 @@ class Loader:
     # -- epochs and resume ----------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self._done = epoch, 0
+            self.epoch, self._done, self._cut = epoch, 0, sharding.Position()
 
     def state_dict(self) -> dict:
+        """Where this loader stands (loaders/sharding.py's versioned format): plain ints and lists."""
+        cut = self._cut
         return {
+            "format": sharding.STATE_FORMAT,
+            "version": sharding.STATE_VERSION,
             "epoch": self.epoch,
             "batches": self._done,
             "seed": self.seed,
             "world_size": self.world_size,
             "rank": self.rank,
             "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
             "num_samples": self.num_samples,
+            "segments": None if cut.segments is None else [list(s) for s in cut.segments],
+            "offset": cut.offset,
+            "epoch_samples": cut.epoch_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for k in ("seed", "world_size", "batch_size", "num_samples"):
+        """Continue from a state taken on any rank, at any world size and per-rank batch size."""
+        sharding.check_state(state)
+        for k in ("seed", "num_samples"):
             if k in state and state[k] != getattr(self, k):
                 raise ValueError(
                     f"loader state has {k}={state[k]} but this loader has {getattr(self, k)}: cannot resume"
                 )
-        if not 0 <= state["batches"] <= self._len:
-            raise ValueError(f"loader state has batches={state['batches']}, outside 0..{self._len}")
-        self.epoch, self._done = int(state["epoch"]), int(state["batches"])
+        cut = sharding.rebase(
+            state,
+            total=self.num_samples,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+        )
+        self.epoch, self._cut = int(state["epoch"]), cut
+        if not cut.offset <= cut.batches <= len(self):
+            raise ValueError(f"loader state has batches={cut.batches}, outside {cut.offset}..{len(self)}")
+        self._done = cut.batches
+
+    @property
+    def progress(self) -> float:
+        """Share of the current epoch's samples read so far by all ranks together (0..1)."""
+        here = sharding.Position(self._done, self._cut.segments, self._cut.offset, self._cut.epoch_samples)
+        return sharding.fraction_read(
+            here,
+            total=self.num_samples,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+        )
 
     # -- iteration --------------------------------------------------------------------------------
     def with_valid(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Like iterating the loader, with a third element: a bool tensor [N], False on padding rows."""
-        plan = self.plan().from_batch(self._done)
+        plan = self.plan().from_batch(self._done - self._cut.offset)
         valid = torch.from_numpy(plan.valid)
         start = self._done
         for b, (images, labels) in enumerate(self.backend.batches(plan, self.epoch)):
             self._done = start + b + 1
             mask = valid[b * self.batch_size : (b + 1) * self.batch_size].to(self.device, non_blocking=True)
             yield images, labels, mask
-        if self._done >= self._len:
-            self._done = 0  # a finished epoch: iterating again (no set_epoch) repeats it
+        if self._done >= len(self):
+            # a finished epoch: iterating again (no set_epoch) repeats it, as a normal epoch
+            self._done, self._cut = 0, sharding.Position()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self.with_valid():

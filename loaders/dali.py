@@ -37,7 +37,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from loaders import dali_plugin
+from loaders import dali_crops, dali_plugin
 from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
 from loaders.buffers import BufferPool
 from loaders.sharding import EpochPlan
@@ -112,7 +112,7 @@ def eval_resize(jpegs, images, image_size: int):
 
 
 @pipeline_def
-def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions):
+def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions, crops=None):
     jpegs, labels = fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
@@ -136,11 +136,9 @@ def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, lay
     crop_pos = {}
     normalize = dict(mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
     if train:
-        # On CPU this decodes only the crop's region of the JPEG.
-        images = fn.decoders.image_random_crop(
-            jpegs, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decoder
-        )
-        mirror = fn.random.coin_flip(probability=0.5)
+        # Crop and flip from (seed, epoch, sample): loaders/dali_crops.py. On CPU only the crop's
+        # region of the JPEG is decoded.
+        images, mirror = dali_crops.random_resized_crop(jpegs, crops, decoder)
         if opts.fused_resize and not gpu:
             images = fn.shardline_resize_normalize(
                 images, size=[image_size, image_size], dtype=out_dtype, output_layout=layout, mirror=mirror, **normalize
@@ -251,6 +249,7 @@ class DaliBackend:
             out_dtype=types.FLOAT16 if half else types.FLOAT,
             layout="HWC" if self.channels_last else "CHW",
             opts=self.opts,
+            crops=dali_crops.CropParams(plan, self.seed, epoch) if self.train else None,
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,

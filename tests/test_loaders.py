@@ -158,10 +158,16 @@ def test_state_dict_resume_continues_exactly(shard_dir, backend):
     assert len(labels_of(resumed, valid_only=False)) == 4 * 3  # a new epoch starts from batch 0
 
 
-def test_resume_refuses_a_different_world_size(shard_dir):
-    state = loader(shard_dir, "dali", world_size=2).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        loader(shard_dir, "dali", world_size=3).load_state_dict(state)
+def test_resume_refuses_another_seed_data_or_format_version(shard_dir):
+    # Another world size or batch size resumes (tests/test_resume_loaders.py); these cannot.
+    state = loader(shard_dir, "pytorch", world_size=2, workers=0).state_dict()
+    ld = loader(shard_dir, "pytorch", world_size=3, workers=0)
+    with pytest.raises(ValueError, match="seed"):
+        ld.load_state_dict({**state, "seed": 1})
+    with pytest.raises(ValueError, match="num_samples"):
+        ld.load_state_dict({**state, "num_samples": 23})
+    with pytest.raises(ValueError, match="format version 99"):
+        ld.load_state_dict({**state, "version": 99})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

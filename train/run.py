@@ -18,7 +18,7 @@ from torch import nn
 
 from loaders import DecodeError, make_loader
 from train import checkpoint as ckpt_io
-from train import distributed
+from train import distributed, elastic
 from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, uses_small_stem
@@ -173,22 +173,27 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     ckpt_dir = os.path.join(cfg.output, "checkpoints")
     last_path = os.path.join(ckpt_dir, ckpt_io.LAST)
     resume_from = cfg.resume if cfg.resume not in (None, "auto") else None
-    if resume_from is None and not cfg.no_auto_resume and os.path.isfile(last_path):
+    if resume_from is None and not cfg.no_auto_resume and ckpt_io.has_checkpoint(ckpt_dir):
         resume_from = last_path
+    samples_base = 0  # samples trained on in the epochs before state.epoch (all ranks): the schedule's clock
     if resume_from:
-        try:
-            ck = ckpt_io.load(resume_from)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
+        ck, resume_from = _read_checkpoint(resume_from, last_path, reporter)
         _check_compatible(ck, cfg, num_classes, d, batches)
+        samples_base = elastic.samples_before_epoch(ck)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"], ck.get("ema_updates", 0))
-        mine = ck["ranks"][d.rank] if len(ck["ranks"]) == d.world_size else None
+        reshaped = not elastic.same_shape(ck, d.world_size, cfg.batch_size, micro)
+        mine = ck["ranks"][d.rank] if len(ck["ranks"]) == d.world_size and not reshaped else None
         state = EpochState(ck["epoch"], ck["batches"], ck["global_step"])
+        if reshaped:  # another number of processes or batch size: continue the epoch (train/elastic.py)
+            state, change = elastic.resume(
+                ck, train_loader, rank=d.rank, world_size=d.world_size, global_batch=global_batch, peak=peak
+            )
+            reporter.log(change)
         if mine is not None and state.batches > 0:
             state.loss_sum, state.seen = mine["loss_sum"], mine["seen"]
             state.seconds, state.wait_seconds, state.lr = mine["seconds"], mine["wait_seconds"], mine["lr"]
@@ -244,6 +249,8 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         if not d.is_main:
             return None
         return {
+            "samples_seen": samples_base + sum(r["seen"] for r in ranks),
+            "samples_before_epoch": samples_base,
             "model": raw.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "ema_updates": ema.updates if ema is not None else 0,
@@ -270,7 +277,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     def save_last() -> None:
         p = payload(time.time() - t_start)
         if p is not None:
-            ckpt_io.save_atomic(p, last_path)
+            ckpt_io.save_atomic(p, last_path, keep_previous=True)
         last_save[0] = time.monotonic()
 
     def want_checkpoint() -> bool:
@@ -294,7 +301,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             train_loader.set_epoch(epoch)  # keeps a resumed position within this epoch
-            reporter.start_epoch(epoch, batches, state.batches)
+            reporter.start_epoch(epoch, len(train_loader), state.batches)
             trainer.train_epoch(
                 train_loader, state, want_checkpoint=want_checkpoint, save_checkpoint=save_last, on_step=on_step
             )
@@ -322,6 +329,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
                 if ema is not None:
                     v = evaluate(ema.module, val_loader, d, amp, cfg.channels_last)
                     line.update(val_top1_ema=v["top1"], val_top5_ema=v["top5"])
+            samples_base += int(seen)
             history.append(line)
             reporter.append_metrics(line)
             reporter.scalars({k: v for k, v in line.items() if k != "epoch" and v is not None}, epoch, "epoch")
@@ -376,11 +384,19 @@ def _check_compatible(ck: dict, cfg: Config, num_classes: int, d: distributed.Di
             f"checkpoint is {ck.get('arch')} with {ck.get('num_classes')} classes, this run is {cfg.arch} with "
             f"{num_classes}: use another --output, or --no-auto-resume to start afresh"
         )
-    if 0 < ck["batches"] < batches and ck.get("world_size") != d.world_size:
-        raise SetupError(
-            f"checkpoint stopped mid-epoch on world size {ck.get('world_size')}; resume it on the same world size "
-            f"(this run has {d.world_size})"
-        )
+
+
+def _read_checkpoint(path: str, last_path: str, reporter: Reporter) -> tuple[dict, str]:
+    """The checkpoint to resume from; the run's own last.pt falls back to previous.pt when damaged."""
+    try:
+        if os.path.abspath(path) != os.path.abspath(last_path):
+            return ckpt_io.load(path), path
+        ck, used, warning = ckpt_io.load_latest(os.path.dirname(last_path))
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    if warning:
+        reporter.log(warning)
+    return ck, used
 
 
 # -- sanity check: --overfit-batches N (train/overfit.py) -------------------------------------------
