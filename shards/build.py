@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from shards.images import BadImage, pack
+from shards.lock import OutputLock, output_lock
 from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
 from shards.plan import ShardSpec, plan_split
 from shards.storage import Storage
@@ -187,8 +188,16 @@ def check_output(storage: Storage, plan: Plan) -> dict | None:
     return None
 
 
-def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardRecord], image_ext: str) -> dict:
-    """Write manifest.json (last, atomically) and drop the progress records."""
+def finish(
+    storage: Storage,
+    source: Source,
+    plan: Plan,
+    records: list[ShardRecord],
+    image_ext: str,
+    lock: OutputLock | None = None,
+) -> dict:
+    """Write manifest.json (last, atomically) and drop the progress records. With the build's
+    lock given, first make sure it is still this build's (an object-store lease can be lost)."""
     by_name = {r.name: r for r in records}
     missing = [s.name for s in plan.shards if s.name not in by_name]
     if missing:
@@ -205,6 +214,8 @@ def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardReco
         }
         m["quarantine"] += [q.to_json() for q in plan.source_quarantine.get(split, [])]
         m["quarantine"] += [q for r in recs for q in r.quarantine]
+    if lock is not None:
+        lock.check()
     write_manifest(storage, m)
     for s in plan.shards:
         storage.remove(_record_name(s))
@@ -240,14 +251,28 @@ def build(
     workers: int | None = None,
     progress: Callable[[ShardRecord], None] | None = None,
     scratch: str | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Build the whole set with a local process pool; returns the manifest."""
+    """Build the whole set with a local process pool, holding the output's lock; returns the manifest."""
     storage = Storage(output, scratch=scratch)
     plan = prepare(source, options, splits)
-    done = check_output(storage, plan)
-    if done is not None:
-        log.info("%s is already complete; nothing to do", storage.root)
-        return done
+    with output_lock(storage, plan.params, wait=wait) as lock:
+        done = check_output(storage, plan)
+        if done is not None:
+            log.info("%s is already complete; nothing to do", storage.root)
+            return done
+        records = _write_shards(source, plan, storage, options, workers, progress)
+        return finish(storage, source, plan, records, options.image_ext, lock)
+
+
+def _write_shards(
+    source: Source,
+    plan: Plan,
+    storage: Storage,
+    options: Options,
+    workers: int | None,
+    progress: Callable[[ShardRecord], None] | None,
+) -> list[ShardRecord]:
     workers = max(1, workers or os.cpu_count() or 1)
     records: list[ShardRecord] = []
     # Biggest first so one slow shard does not run alone at the end.
@@ -264,4 +289,4 @@ def build(
                 records.append(fut.result())
                 if progress:
                     progress(records[-1])
-    return finish(storage, source, plan, records, options.image_ext)
+    return records
