@@ -130,6 +130,7 @@ def write_shard(source: Source, spec: ShardSpec, storage: Storage, options: Opti
                         verify=options.verify,
                         max_side=options.max_side,
                         quality=options.jpeg_quality,
+                        max_pixels=options.max_pixels,
                         keep_png=options.image_ext == "png",
                     )
                 except BadImage as e:

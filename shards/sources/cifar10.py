@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from shards.types import ClassInfo, Item, Quarantined
+from shards.types import ClassInfo, Item, Options, Quarantined
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
@@ -173,7 +173,7 @@ class Cifar10Source:
 
     dataset = "cifar10"
 
-    def __init__(self, path: str | None, image_ext: str = "png", jpeg_quality: int = 95) -> None:
+    def __init__(self, path: str | None, image_ext: str = "png", jpeg_quality: int = Options.jpeg_quality) -> None:
         if not path:
             raise Cifar10Error(f"cifar10 needs --source: {ARCHIVE} or a folder holding it")
         image_ext = {"jpeg": "jpg"}.get(image_ext, image_ext)
