@@ -205,6 +205,10 @@ def finish(
         raise BuildError(f"shards not written: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     classes = [{"index": c.index, "id": c.id, "name": c.name} for c in source.classes()]
     m = new_manifest(plan.dataset, image_ext, plan.params, classes)
+    labelled = {it.label for s in plan.shards for it in s.items}
+    empty = [c["id"] for c in classes if c["index"] not in labelled]
+    if empty:  # kept on purpose (--allow-empty-classes): say which classes have no image
+        m["empty_classes"] = empty
     for split in plan.splits:
         specs = plan.split_shards(split)
         recs = [by_name[s.name] for s in specs]
