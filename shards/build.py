@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from shards.images import BadImage, pack
-from shards.lock import OutputLock, output_lock
+from shards.lock import OutputLock
 from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
 from shards.plan import ShardSpec, plan_split
 from shards.storage import Storage
@@ -228,6 +228,22 @@ def finish(
     return m
 
 
+def reused_records(plan: Plan, manifest: dict) -> list[ShardRecord]:
+    """The records of a set that was already complete (nothing written, every shard reused),
+    from its manifest, for summary_rows: each shard's quarantine is its planned items' entries."""
+    quarantined = {(q["key"], q["source"]): q for q in manifest.get("quarantine", [])}
+    records = []
+    for split in plan.splits:
+        entries = {e["name"]: e for e in manifest["splits"][split]["shards"]}
+        for spec in plan.split_shards(split):
+            e = entries[spec.name]
+            q = [quarantined[(it.key, it.source)] for it in spec.items if (it.key, it.source) in quarantined]
+            records.append(
+                ShardRecord(e["name"], e["index"], split, e["samples"], e["bytes"], e["sha256"], "", 0.0, True, q)
+            )
+    return records
+
+
 def summary_rows(plan: Plan, records: list[ShardRecord], seconds: dict[str, float]) -> list[dict]:
     """Per split: samples, shards, bytes, quarantined, seconds, images/s (for logs and artifacts)."""
     rows = []
@@ -261,13 +277,20 @@ def build(
     """Build the whole set with a local process pool, holding the output's lock; returns the manifest."""
     storage = Storage(output, scratch=scratch)
     plan = prepare(source, options, splits)
-    with output_lock(storage, plan.params, wait=wait) as lock:
+    lock = OutputLock(storage, plan.params)
+    try:
+        lock.acquire(wait=wait)
+    except PermissionError as e:
+        raise BuildError(str(e)) from None
+    try:
         done = check_output(storage, plan)
         if done is not None:
             log.info("%s is already complete; nothing to do", storage.root)
             return done
         records = _write_shards(source, plan, storage, options, workers, progress)
         return finish(storage, source, plan, records, options.image_ext, lock)
+    finally:
+        lock.release()
 
 
 def _write_shards(

@@ -226,7 +226,7 @@ class OutputLock:
 
     def acquire(self, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
         told = False
-        while (holder := self._impl.try_acquire()) is not None:
+        while (holder := self._try()) is not None:
             message = _held_message(self.storage.root, holder)
             if not wait:
                 raise LockHeld(message)
@@ -234,6 +234,13 @@ class OutputLock:
                 (on_wait or log.warning)(f"waiting: {message}")
                 told = True
             time.sleep(POLL_SECONDS)
+
+    def _try(self) -> dict | None:
+        try:
+            return self._impl.try_acquire()
+        except OSError as e:  # a missing bucket, bad credentials, a read-only folder: one line
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PermissionError(f"cannot write to {self.storage.root}: {type(e).__name__}: {reason}") from None
 
     def check(self) -> None:
         """Raise LockLost if the lock is no longer ours (call before publishing the manifest)."""
