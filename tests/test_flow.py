@@ -373,3 +373,19 @@ def test_params_record_what_changes_the_bytes():
     inet = BuildParams(dataset="imagenet", source=".", output="x", md5=md5, check_md5=True).check()
     assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == md5
     assert BuildParams(dataset="cifar10", source=".", output="x").check().options().image_ext == "png"
+
+
+def test_a_second_build_into_a_held_output_fails_at_once(prefect_harness, tmp_path, capsys):
+    """As when a deployment run is triggered twice: the CLI (and the flow under it) takes the lock."""
+    from shards.lock import output_lock
+
+    out = tmp_path / "held"
+    argv = ["build-shards", "--dataset", "demo", "--output", str(out), "--train-per-class", "1", "--val-per-class", "1"]
+    with output_lock(str(out), {"seed": 7}):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: build-shards failed: LockHeld: {out} is locked by build pid {os.getpid()}")
+        assert "wait, or choose another --output" in last
+        assert sorted(p.name for p in out.iterdir()) == [".shardline.lock"]  # nothing written

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ilsvrc_fixture import DEVKIT, TRAIN_TAR, VAL_TAR, make_ilsvrc
 
-from shards.checksums import OFFICIAL_MD5, ChecksumError, md5_file, parse_md5_overrides
+from shards.checksums import OFFICIAL_MD5, ChecksumError, md5_file, parse_md5
 from shards.sources import open_source, tarindex
 from shards.sources.imagenet import ImageNetError, ImageNetSource
 from shards.sources.tarindex import member_key
@@ -230,10 +230,10 @@ def test_md5_file_and_override_parsing(tmp_path):
     p = tmp_path / "blob"
     p.write_bytes(os.urandom(100_000))
     assert md5_file(p, progress=False) == hashlib.md5(p.read_bytes()).hexdigest()
-    assert parse_md5_overrides([f"/x/{TRAIN_TAR}=" + "A" * 32]) == {TRAIN_TAR: "a" * 32}
+    assert parse_md5([f"/x/{TRAIN_TAR}=" + "A" * 32]) == {TRAIN_TAR: "a" * 32}
     for bad in ["nohash", f"{TRAIN_TAR}=xyz", "=" + "a" * 32]:
         with pytest.raises(ChecksumError, match="NAME=HEX"):
-            parse_md5_overrides([bad])
+            parse_md5([bad])
 
 
 def _rewrite_train(fx, root: Path, extra: list[tuple[str, bytes]]) -> None:
