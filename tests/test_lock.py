@@ -104,8 +104,12 @@ def test_wait_waits_for_the_holder_to_finish(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def s3():
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance cached by another test points elsewhere
     with moto_s3() as endpoint:
         yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()  # and ours must not outlive this endpoint
 
 
 def test_s3_lease_is_exclusive_and_released(s3):
