@@ -213,6 +213,14 @@ class BuildParams:
 
     def check(self) -> BuildParams:
         """Raise ParamError (one line) for the first bad parameter; no I/O beyond a stat."""
+        self._check_where()
+        self._check_shards()
+        self._check_images()
+        self._check_source_options()
+        self._check_runner()
+        return self
+
+    def _check_where(self) -> None:
         if self.dataset not in DATASETS:
             raise ParamError(f"--dataset {self.dataset!r}: unknown; choose one of {', '.join(DATASETS)}")
         if self.dataset != "demo" and not self.source:
@@ -221,42 +229,49 @@ class BuildParams:
             raise ParamError(f"--source {self.source}: no such file or folder")
         if not self.output:
             raise ParamError("--output is required (a folder or URL)")
+        if self.cache_dir is not None and is_url(self.cache_dir):
+            raise ParamError(f"--cache-dir {self.cache_dir}: must be a local folder, not a URL")
+
+    def _check_shards(self) -> None:
         parse_splits(self.splits)
         if self.shard_samples is not None and self.shard_size is not None:
             raise ParamError("--shard-size and --shard-samples exclude each other: give one")
         if self.shard_samples is not None and self.shard_samples < 1:
             raise ParamError(f"--shard-samples {self.shard_samples}: must be at least 1")
         parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
+
+    def _check_images(self) -> None:
         if self.verify not in VERIFY_MODES:
             raise ParamError(f"--verify {self.verify!r}: choose one of {', '.join(VERIFY_MODES)}")
         if self.max_side is not None and self.max_side < 16:
             raise ParamError(f"--max-side {self.max_side}: must be at least 16 pixels")
-        if self.workers is not None and self.workers < 1:
-            raise ParamError(f"--workers {self.workers}: must be at least 1")
-        try:
-            self.md5 = parse_md5(self.md5, archive_names(self.dataset, self.source)) or None
-        except ChecksumError as e:
-            raise ParamError(str(e)) from None
         if self.max_pixels < 1:
             raise ParamError(f"--max-pixels {self.max_pixels}: must be at least 1")
-        if self.allow_empty_classes and self.dataset != "imagefolder":
-            raise ParamError("--allow-empty-classes applies to --dataset imagefolder only")
-        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
-            raise ParamError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
         if self.image_ext is not None and self.image_ext not in IMAGE_EXTS:
             raise ParamError(f"--image-ext {self.image_ext!r}: choose one of {', '.join(IMAGE_EXTS)}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ParamError(f"--jpeg-quality {self.jpeg_quality}: must be 1..100")
+
+    def _check_source_options(self) -> None:
+        try:
+            self.md5 = parse_md5(self.md5, archive_names(self.dataset, self.source)) or None
+        except ChecksumError as e:
+            raise ParamError(str(e)) from None
+        if self.allow_empty_classes and self.dataset != "imagefolder":
+            raise ParamError("--allow-empty-classes applies to --dataset imagefolder only")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ParamError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
         for name in ("train_per_class", "val_per_class", "demo_size"):
             if getattr(self, name) is not None and self.dataset != "demo":
                 raise ParamError(f"--{name.replace('_', '-')} applies to --dataset demo only")
+
+    def _check_runner(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ParamError(f"--workers {self.workers}: must be at least 1")
         if self.runner not in RUNNERS:
             raise ParamError(f"--runner {self.runner!r}: choose one of {', '.join(RUNNERS)}")
         if self.dask_address and self.runner != "dask":
             raise ParamError("--dask-address needs --runner dask")
-        if self.cache_dir is not None and is_url(self.cache_dir):
-            raise ParamError(f"--cache-dir {self.cache_dir}: must be a local folder, not a URL")
-        return self
 
     @property
     def ext(self) -> str:
