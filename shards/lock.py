@@ -132,7 +132,8 @@ class _S3Lease:
     """A lease object created with If-None-Match and renewed with If-Match."""
 
     def __init__(self, storage: Storage, params: dict | None, ttl: float) -> None:
-        self.storage, self.params, self.ttl = storage, params, ttl
+        self.storage, self.ttl = storage, ttl
+        self.record = _holder_record(params) | {"ttl_s": ttl}  # "started" stays the first put's
         self.fs = storage.fs
         self.bucket, self.key, _ = self.fs.split_path(storage.url(LOCK_NAME))
         self.etag: str | None = None
@@ -142,7 +143,7 @@ class _S3Lease:
 
     def _put(self, **condition: str) -> str:
         # "renewed" makes every renewal's body, so its ETag, new: If-Match then tells them apart.
-        record = _holder_record(self.params) | {"ttl_s": self.ttl, "renewed": time.time()}
+        record = self.record | {"renewed": time.time()}
         body = json.dumps(record).encode()
         meta = {"holder": json.dumps({k: record[k] for k in ("host", "pid", "started", "ttl_s")})}
         resp = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, Metadata=meta, **condition)

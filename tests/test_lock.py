@@ -151,3 +151,5 @@ def test_s3_lease_is_renewed_while_held(s3):
             threading.Event().wait(0.05)
         assert changed.is_set()
         lock.check()
+        holder = json.loads(storage.read_bytes(LOCK_NAME))
+        assert holder["started"] == lock._impl.record["started"] and holder["renewed"] > 0  # since when: the start
