@@ -16,7 +16,6 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from shards.checksums import ChecksumError, parse_md5
-from shards.download import archive_names
 from shards.images import VERIFY_LEVELS
 from shards.sources import DATASETS
 from shards.storage import is_url
@@ -253,10 +252,13 @@ class BuildParams:
             raise ParamError(f"--jpeg-quality {self.jpeg_quality}: must be 1..100")
 
     def _check_source_options(self) -> None:
-        try:
-            self.md5 = parse_md5(self.md5, archive_names(self.dataset, self.source)) or None
-        except ChecksumError as e:
-            raise ParamError(str(e)) from None
+        if self.md5:
+            from shards.download import archive_names  # only here: it imports the download stack
+
+            try:
+                self.md5 = parse_md5(self.md5, archive_names(self.dataset, self.source)) or None
+            except ChecksumError as e:
+                raise ParamError(str(e)) from None
         if self.allow_empty_classes and self.dataset != "imagefolder":
             raise ParamError("--allow-empty-classes applies to --dataset imagefolder only")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:

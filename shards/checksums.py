@@ -11,8 +11,6 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-from tqdm import tqdm
-
 # The digests published with ILSVRC2012 (the same as torchvision.datasets.imagenet.ARCHIVE_META).
 OFFICIAL_MD5 = {
     "ILSVRC2012_img_train.tar": "1d675b47d978889d74fa0da5fadfb00e",
@@ -30,6 +28,8 @@ class ChecksumError(ValueError):
 
 def md5_file(path: str | os.PathLike, progress: bool = True) -> str:
     """Hex MD5 of a file, read in chunks, with a byte progress bar."""
+    from tqdm import tqdm  # here, not at the top: the CLI checks --md5 values before any hashing
+
     h = hashlib.md5(usedforsecurity=False)
     size = os.path.getsize(path)
     with (

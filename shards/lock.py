@@ -78,7 +78,7 @@ class _FileLock:
         self.created_root = False
 
     def try_acquire(self) -> dict | None:
-        """Take the lock and return None, or return who holds it."""
+        """Take the lock and return None, or return who holds it ({} if not known yet)."""
         if not os.path.isdir(self.storage.root):
             os.makedirs(self.storage.root, exist_ok=True)
             self.created_root = True
@@ -106,12 +106,14 @@ class _FileLock:
         self.fd = fd
         return None
 
-    def _read_holder(self) -> dict | None:
+    def _read_holder(self) -> dict:
+        """Who holds the lock; {} (held, by someone unknown) while the holder is still writing it.
+        Never None: None means "acquired" to try_acquire's caller."""
         try:
             with open(self.path) as f:
-                return json.loads(f.read() or "null")
+                return json.loads(f.read() or "{}") or {}
         except (OSError, json.JSONDecodeError):
-            return None  # the holder is writing it right now
+            return {}
 
     def check(self) -> None:
         """A flock cannot be lost while the process lives."""
@@ -162,7 +164,10 @@ class _S3Lease:
             head = self._head()
             if head is None:
                 return self.try_acquire()  # released between our put and our look
-            holder = json.loads(head.get("Metadata", {}).get("holder", "null") or "null")
+            try:  # {}, never None (which would mean "acquired"), when the record is unreadable
+                holder = json.loads(head.get("Metadata", {}).get("holder") or "{}") or {}
+            except json.JSONDecodeError:
+                holder = {}
             if not self._expired(head, holder):
                 return holder
             try:  # take over exactly this expired lease: a newer one has another ETag

@@ -43,6 +43,16 @@ def test_a_second_build_fails_at_once_naming_the_holder(tmp_path):
     assert not out.exists()  # released: the lock file goes, and the folder the lock made too
 
 
+def test_a_holder_still_writing_its_record_still_holds_the_lock(tmp_path):
+    """The race the racing-builds test once hit: the second build read the lock file in the
+    moment the first had emptied it to write its record, and took that for a free lock."""
+    out = tmp_path / "out"
+    with output_lock(str(out)):
+        (out / LOCK_NAME).write_text("")  # what a reader sees between the holder's truncate and write
+        with pytest.raises(LockHeld, match="locked by another build: wait, or choose another --output"):
+            OutputLock(Storage(out)).acquire()
+
+
 def test_racing_builds_leave_one_complete_verified_set(tmp_path):
     """Two builds with different seeds into one output at once, as when a deployment is triggered twice."""
     out, outcomes, start = tmp_path / "race", {}, threading.Barrier(2)
