@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import click
 
 from flows.params import BuildParams
-from flows.server import TemporaryServer, configured_api_url, prefect_defaults
+from flows.server import TemporaryServer, abandon, configured_api_url, prefect_defaults
 
 
 def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
@@ -48,7 +48,7 @@ def _using(server: TemporaryServer | None) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     if get_current_settings().api.url:  # configured where the quick look did not see (prefect.toml, .env)
-        server.stop()
+        abandon(server)
         yield
         return
     server.wait_ready()

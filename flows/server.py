@@ -129,6 +129,15 @@ class TemporaryServer:
             self.proc.kill()
 
 
+def abandon(server: TemporaryServer) -> None:
+    """Stop `server` and forget it: another server is in use, so the CLI exits normally
+    (waiting on Prefect's teardown, whose flushes that server must get)."""
+    global _owned
+    server.stop()
+    if _owned is server:
+        _owned = None
+
+
 def owned_server() -> TemporaryServer | None:
     """The temporary server this process started, if any."""
     return _owned
