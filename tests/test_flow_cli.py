@@ -82,3 +82,22 @@ def test_kill_9_of_the_cli_leaves_nothing_running(prefect_harness, tmp_path):
     assert (out / LOCK_NAME).exists()  # left by the killed build, and free: the next build takes it over
     with output_lock(str(out)):
         pass
+
+
+def test_a_server_in_the_active_profile_is_used_not_a_temporary_one(tmp_path):
+    """The quick look (no Prefect import) finds PREFECT_API_URL in the environment or the active profile."""
+    (tmp_path / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.example:4200/api"\n[profiles.ephemeral]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path)}
+    probe = (
+        "import sys; from flows.server import configured_api_url; print(configured_api_url(), 'prefect' in sys.modules)"
+    )
+
+    def look(**extra: str) -> str:
+        run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env | extra, capture_output=True, text=True)
+        return run.stdout.strip()
+
+    assert look() == "http://prefect.example:4200/api False"
+    assert look(PREFECT_PROFILE="ephemeral") == "None False"
+    assert look(PREFECT_API_URL="http://other:1/api") == "http://other:1/api False"
