@@ -92,6 +92,9 @@ def test_a_lock_left_by_a_killed_build_is_taken_over(tmp_path):
         holder.wait(timeout=30)
     finally:
         holder.kill()
+        holder.wait(timeout=30)
+        holder.stdin.close()
+        holder.stdout.close()
     with output_lock(str(out)) as lock:  # the kernel dropped the dead build's flock
         assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
         lock.check()
