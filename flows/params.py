@@ -252,7 +252,9 @@ class BuildParams:
             raise ParamError(f"--jpeg-quality {self.jpeg_quality}: must be 1..100")
 
     def _check_source_options(self) -> None:
-        if self.md5:
+        if not self.md5:
+            self.md5 = None  # the CLI's empty tuple, or {}: none given
+        else:
             from shards.download import archive_names  # only here: it imports the download stack
 
             try:
