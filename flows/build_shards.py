@@ -9,6 +9,10 @@
                     whose worker processes (on this or other machines) write the shards themselves
     finish          manifest.json, written last
 
+The flow holds the output's lock (shards/lock.py) from before index-source until the
+manifest is written, whichever runner writes the shards; a second build fails at once, or
+waits with wait=True.
+
 Every format decision lives in shards/; this file only orders the calls, retries them, and
 reports progress (a progress artifact, run-logger lines, a summary table artifact). A rerun
 after a crash reuses every shard already published (shards/build.py's resume records).
@@ -30,9 +34,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.download import download_archives
-from flows.params import BuildParams
+from flows.params import BuildParams, flow_docstring, flow_signature
 from flows.pool import ShardPool
-from shards.build import BuildError, Plan, ShardRecord, check_output, finish, prepare, summary_rows, write_shard
+from flows.retry import worth_retrying
+from shards.build import Plan, ShardRecord, check_output, finish, prepare, reused_records, summary_rows, write_shard
+from shards.lock import OutputLock, output_lock
 from shards.plan import ShardSpec
 from shards.sources import open_source
 from shards.storage import Storage, is_url
@@ -56,19 +62,37 @@ class Prepared:
     done: dict | None
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """Retry I/O hiccups, not mistakes: a wrong parameter or a missing file fails the same way twice."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, BuildError | ValueError | KeyError | TypeError | FileNotFoundError | PermissionError)
+_PREINDEXED: dict[str, tuple[Source, Plan]] = {}  # filled by preindex(), used once by index-source
 
 
-@task(name="index-source", retries=2, retry_delay_seconds=5, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
+def _index_key(dataset: str, source: str | None, source_kw: dict, options: Options, splits: list[str] | None) -> str:
+    return repr((dataset, source, sorted(source_kw.items()), options, splits))
+
+
+def preindex(p: BuildParams) -> None:
+    """Open and plan a local source ahead of the flow (the CLI does it while the temporary
+    server starts); index-source then finds it here. Any error is left for the flow to raise,
+    where its logs and retries are."""
+    if p.source is not None and is_url(p.source):
+        return  # its archives are downloaded first, by the flow
+    kw, options, splits = p.source_kwargs(), p.options(), p.split_list()
+    try:
+        src = open_source(p.dataset, p.source, **kw)
+        _PREINDEXED[_index_key(p.dataset, p.source, kw, options, splits)] = (src, prepare(src, options, splits))
+    except Exception:
+        pass
+
+
+@task(name="index-source", retries=2, retry_delay_seconds=5, retry_condition_fn=worth_retrying, cache_policy=NO_CACHE)
 def index_source(
     dataset: str, source: str | None, source_kw: dict, options: Options, splits: list[str] | None, output: str
 ) -> Prepared:
     log = get_run_logger()
-    src = open_source(dataset, source, **source_kw)
-    plan = prepare(src, options, splits)
+    ready = _PREINDEXED.pop(_index_key(dataset, source, source_kw, options, splits), None)
+    if ready is None:
+        src = open_source(dataset, source, **source_kw)
+        ready = (src, prepare(src, options, splits))
+    src, plan = ready
     storage = Storage(output)
     for split in plan.splits:
         specs = plan.split_shards(split)
@@ -177,14 +201,14 @@ def write_batch(
     return Batch(records, spans)
 
 
-@task(name="finish", retries=2, retry_delay_seconds=3, retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
-def finish_set(job: Prepared, records: list[ShardRecord], image_ext: str) -> dict:
+@task(name="finish", retries=2, retry_delay_seconds=3, retry_condition_fn=worth_retrying, cache_policy=NO_CACHE)
+def finish_set(job: Prepared, records: list[ShardRecord], image_ext: str, lock: OutputLock) -> dict:
     # A worker process that died mid-shard (the retry rewrote that shard) left its temporary
     # files; nothing is writing now, so they can go before the manifest says "complete".
     removed = job.storage.clean_temporaries()
     if removed:
         get_run_logger().info("removed %d partial files left by failed attempts", len(removed))
-    return finish(job.storage, job.source, job.plan, records, image_ext)
+    return finish(job.storage, job.source, job.plan, records, image_ext, lock)
 
 
 def batches(specs: list[ShardSpec], workers: int) -> list[list[ShardSpec]]:
@@ -202,28 +226,6 @@ def batches(specs: list[ShardSpec], workers: int) -> list[list[ShardSpec]]:
 
 def batch_label(specs: list[ShardSpec]) -> str:
     return specs[0].name.removesuffix(".tar") + (f"-and-{len(specs) - 1}-more" if len(specs) > 1 else "")
-
-
-def rows_from_manifest(plan: Plan, manifest: dict) -> list[dict]:
-    """Summary rows for a set that was already complete (nothing written, every shard reused)."""
-    rows = []
-    quarantined = {(q["key"], q["source"]) for q in manifest.get("quarantine", [])}
-    for split in plan.splits:
-        entry = manifest["splits"][split]
-        planned = {(it.key, it.source) for s in plan.split_shards(split) for it in s.items}
-        rows.append(
-            {
-                "split": split,
-                "samples": entry["samples"],
-                "shards": len(entry["shards"]),
-                "bytes": sum(s["bytes"] for s in entry["shards"]),
-                "quarantined": len(plan.source_quarantine.get(split, [])) + len(quarantined & planned),
-                "reused": len(entry["shards"]),
-                "seconds": 0.0,
-                "images_per_sec": None,
-            }
-        )
-    return rows
 
 
 def write_all(
@@ -302,71 +304,48 @@ def write_all_dask(
     return [r for b in done for r in b.records], split_seconds(done)
 
 
-@flow(name="build-shards", description="Dataset to verified, shuffled WebDataset shards with DALI indexes.")
-def build_shards(
-    dataset: str,
-    output: str,
-    source: str | None = None,
-    splits: list[str] | str | None = None,
-    shard_size: str | int | None = None,
-    shard_samples: int | None = None,
-    seed: int = 0,
-    verify: str = "decode",
-    max_side: int | None = None,
-    workers: int | None = None,
-    md5: dict[str, str] | None = None,
-    check_md5: bool = False,
-    val_fraction: float | None = None,
-    image_ext: str | None = None,
-    jpeg_quality: int = 95,
-    train_per_class: int | None = None,
-    val_per_class: int | None = None,
-    demo_size: int | None = None,
-    cache_dir: str | None = None,
-    runner: str = "local",
-    dask_address: str | None = None,
-) -> dict:
-    """Build `dataset` from `source` into shards + manifest.json at `output` (a folder or URL).
-
-    Parameters mirror `python -m flows build-shards --help`: shard_size is bytes or a string
-    such as "1GB" (default 1GB) and excludes shard_samples; splits is "train,val" or a list
-    (default: all); workers defaults to the CPU count; md5 maps archive names to digests;
-    train_per_class, val_per_class and demo_size size the demo set only. A URL source is
-    downloaded into cache_dir first (default ~/.cache/shardline, or $XDG_CACHE_HOME/shardline);
-    runner "dask" writes the shards on the dask.distributed cluster at dask_address (or on a
-    LocalCluster of `workers` processes).
-    Returns {"output", "dataset", "rows": per-split summary, "complete_before": bool}.
-    """
-    p = BuildParams(**locals()).check()  # first statement: locals() holds exactly the parameters
+def _build_shards(**params) -> dict:
+    p = BuildParams(**params).check()
     log = get_run_logger()
     workers, options = p.worker_count(), p.options()
     log.info(
         "build-shards %s from %s to %s with %d workers (%s runner)",
-        dataset,
-        source or "(generated)",
-        output,
+        p.dataset,
+        p.source or "(generated)",
+        p.output,
         workers,
-        runner,
+        p.runner,
     )
     start = time.perf_counter()
-    local_source = source
-    if source is not None and is_url(source):
-        local_source = download_archives(dataset, source, p.cache_path(), p.split_list(), md5, output)
-    job = index_source(dataset, local_source, p.source_kwargs(), options, p.split_list(), output)
-    plan = job.plan
-    log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(plan.shards))
+    local_source = p.source
+    if p.source is not None and is_url(p.source):
+        local_source = download_archives(p.dataset, p.source, p.cache_path(), p.split_list(), p.md5, p.output)
+    # The output's lock, held by this process (the flow's, whichever runner writes the shards)
+    # from before anything is written there until the manifest is.
+    with output_lock(p.output, p.lock_record(), wait=p.wait, on_wait=log.warning) as lock:
+        job = index_source(p.dataset, local_source, p.source_kwargs(), options, p.split_list(), p.output)
+        log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(job.plan.shards))
+        rows = _write_or_reuse(job, p, options, workers, lock, log)
+    _report(rows, p.dataset, job, log)
+    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
+    return {"output": job.storage.root, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
 
+
+def _write_or_reuse(
+    job: Prepared, p: BuildParams, options: Options, workers: int, lock: OutputLock, log: logging.LoggerAdapter
+) -> list[dict]:
     if job.done is not None:
         log.info("%s already holds this complete set; nothing to do", job.storage.root)
-        rows = rows_from_manifest(plan, job.done)
+        return summary_rows(job.plan, reused_records(job.plan, job.done), {})
+    if p.runner == "dask":
+        records, seconds = write_all_dask(job, options, workers, p.dask_address, log)
     else:
-        if runner == "dask":
-            records, seconds = write_all_dask(job, options, workers, dask_address, log)
-        else:
-            records, seconds = write_all(job, options, workers, log)
-        finish_set(quote(job), quote(records), p.ext)
-        rows = summary_rows(plan, records, seconds)
+        records, seconds = write_all(job, options, workers, log)
+    finish_set(quote(job), quote(records), p.ext, quote(lock))
+    return summary_rows(job.plan, records, seconds)
 
+
+def _report(rows: list[dict], dataset: str, job: Prepared, log: logging.LoggerAdapter) -> None:
     quarantined = sum(r["quarantined"] for r in rows)
     if quarantined:
         log.warning("%d images quarantined (listed in manifest.json with reasons)", quarantined)
@@ -383,5 +362,17 @@ def build_shards(
             r["images_per_sec"],
         )
     create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
-    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
-    return {"output": job.storage.root, "dataset": dataset, "rows": rows, "complete_before": job.done is not None}
+
+
+# The flow's parameters are BuildParams' fields (flows/params.py): its signature, types,
+# defaults and the descriptions Prefect shows for it and its deployments all come from there.
+_build_shards.__signature__ = flow_signature()
+_build_shards.__annotations__ = {n: q.annotation for n, q in flow_signature().parameters.items()} | {"return": dict}
+_build_shards.__doc__ = flow_docstring(
+    "Build `dataset` from `source` into shards + manifest.json at `output` (a folder or URL); the parameters "
+    'are `python -m flows build-shards --help`\'s options. Returns {"output", "dataset", "rows": per-split '
+    'summary, "complete_before": bool}.'
+)
+build_shards = flow(
+    name="build-shards", description="Dataset to verified, shuffled WebDataset shards with DALI indexes."
+)(_build_shards)

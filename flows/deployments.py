@@ -8,8 +8,10 @@ can be overridden per run, so the parameters mirror the CLI options:
     prefect deployment run build-shards/imagenet -p source=https://mirror.example/ilsvrc/ \
         -p output=s3://team-data/imagenet -p cache_dir=/scratch/dl -p runner=dask -p dask_address=tcp://sched:8786
 
-Dataset-specific values only fill in `dataset` (and PNG for CIFAR-10); everything else keeps
-the flow's defaults, so a deployment run and the same CLI command build the same bytes.
+Dataset-specific values only fill in `dataset`; everything else keeps the flow's defaults,
+declared once in flows/params.py, so a deployment run and the same CLI command build the same
+bytes. Deployment runs take the output's lock like any build (a second run into the same
+output fails at once; -p wait=true waits).
 """
 
 from __future__ import annotations
@@ -18,17 +20,12 @@ from prefect import serve as prefect_serve
 from prefect.deployments.runner import RunnerDeployment
 
 from flows.build_shards import build_shards
+from shards.sources import DATASETS
 
-# Defaults per dataset, on top of the flow's own (see `python -m flows build-shards --help`).
-# source and output have no default (demo needs no source): they are given per run. No shard
-# size is set here: shard_size and shard_samples exclude each other, so a default for one
-# would make a run that gives the other fail.
-DEFAULTS: dict[str, dict] = {
-    "imagenet": {"dataset": "imagenet"},
-    "imagefolder": {"dataset": "imagefolder"},
-    "cifar10": {"dataset": "cifar10", "image_ext": "png"},
-    "demo": {"dataset": "demo"},
-}
+# Each deployment fixes only `dataset`; every other parameter, with its default, type and
+# description, is the flow's own (flows/params.py: BuildParams), so a deployment run and the
+# same CLI command build the same bytes (CIFAR-10's PNG default is BuildParams' too).
+DEFAULTS: dict[str, dict] = {name: {"dataset": name} for name in DATASETS}
 
 DESCRIPTIONS = {
     "imagenet": "ILSVRC2012 from a folder holding the train/val tars and the devkit (-p source=... -p output=...).",

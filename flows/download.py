@@ -18,9 +18,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.retry import worth_retrying
 from shards.build import BuildError
 from shards.download import localize_source
-from shards.fetch import FetchError, RetryPolicy
+from shards.fetch import RetryPolicy
 from shards.storage import Storage, is_url
 
 DOWNLOAD_KEY = "build-shards-download"
@@ -73,15 +74,6 @@ class DownloadProgress:
         return lines
 
 
-def _worth_retrying(task, task_run, state) -> bool:
-    """A FetchError is final (4xx, MD5 wrong twice, bad output) unless fetch ran out of
-    attempts: a long outage may be over by the task's next try, which resumes the .part."""
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, FetchError):
-        return "giving up after" in str(exc)
-    return not isinstance(exc, BuildError | ValueError | PermissionError | FileNotFoundError)
-
-
 def check_output_writable(output: str) -> None:
     """Fail in one line before a long download when --output cannot take the shards.
 
@@ -105,7 +97,7 @@ def check_output_writable(output: str) -> None:
     name="download-archives",
     retries=2,
     retry_delay_seconds=10,
-    retry_condition_fn=_worth_retrying,
+    retry_condition_fn=worth_retrying,
     cache_policy=NO_CACHE,
 )
 def download_archives(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 from shards.build import ShardRecord, write_shard
@@ -20,11 +22,20 @@ from shards.storage import Storage
 from shards.types import Options, Source
 
 _source: Source | None = None  # set in each pool process by _init
+PARENT_CHECK_SECONDS = 0.5
 
 
-def _init(source: Source) -> None:
+def _init(source: Source, parent: int) -> None:
     global _source
     _source = source
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A pool process whose parent was killed (kill -9 of the CLI) exits instead of living on."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
 
 
 def _write(spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
@@ -42,7 +53,9 @@ class ShardPool:
 
     def _start(self) -> cf.ProcessPoolExecutor:
         ctx = mp.get_context("spawn")
-        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init, initargs=(self.source,))
+        return cf.ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_init, initargs=(self.source, os.getpid())
+        )
 
     def write(self, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
         """Write one shard in a pool process and wait for its record (called from task threads)."""

@@ -1,10 +1,12 @@
-"""The build, as plain functions any orchestrator can call: prepare, write_shard, finish.
+"""The build, as plain functions any orchestrator can call: prepare, check_output, write_shard, finish.
 
-    plan = prepare(source, options, splits)            # index + seeded shuffle + cuts
-    records = [write_shard(source, s, storage, options) for s in plan.shards]   # parallel-safe
-    manifest = finish(storage, source, plan, records, options)                 # written last
+    plan = prepare(source, options, splits)                       # index + seeded shuffle + cuts
+    with output_lock(storage, plan.params) as lock:              # shards/lock.py: one build per output
+        done = check_output(storage, plan)                        # a finished set, or None; free space
+        records = [write_shard(source, s, storage, options, plan.params) for s in plan.shards]  # parallel-safe
+        manifest = finish(storage, source, plan, records, options.image_ext, lock)  # written last
 
-`build()` runs the three with a process pool; flows/ runs them as Prefect tasks. Resume
+`build()` runs them with a process pool; flows/ runs them as Prefect tasks. Resume
 works at shard granularity: after a shard's tar and index are published, a small record
 (`_progress/<name>.json`) is published too, holding its checksum, counts, quarantine list and
 a fingerprint of what it was planned to hold. A rerun reuses every shard whose record
@@ -19,12 +21,14 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from shards.images import BadImage, pack
 from shards.interop import write_reader_files
+from shards.lock import OutputLock
 from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
 from shards.plan import ShardSpec, plan_split
 from shards.storage import Storage
@@ -130,6 +134,7 @@ def write_shard(source: Source, spec: ShardSpec, storage: Storage, options: Opti
                         verify=options.verify,
                         max_side=options.max_side,
                         quality=options.jpeg_quality,
+                        max_pixels=options.max_pixels,
                         keep_png=options.image_ext == "png",
                     )
                 except BadImage as e:
@@ -185,17 +190,63 @@ def check_output(storage: Storage, plan: Plan) -> dict | None:
     removed = storage.clean_temporaries()
     if removed:
         log.info("removed %d partial files left by an interrupted run", len(removed))
+    check_free_space(storage, plan)
     return None
 
 
-def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardRecord], image_ext: str) -> dict:
-    """Write the files for other readers, then manifest.json (last, atomically); drop the progress records."""
+# Beside the image bytes, per sample: four tar headers, the padding of four members, the
+# .cls/.<ext>/.json contents and the .idx line (about 5 KB measured on real photos); per
+# shard: the tar's end blocks and record padding.
+SAMPLE_OVERHEAD = 6 * 1024
+SHARD_OVERHEAD = 20 * 1024
+
+
+def estimated_bytes(plan: Plan) -> int:
+    """What the shards of the plan will take: the source's image sizes plus the tar's overhead."""
+    images = sum(it.size + SAMPLE_OVERHEAD for s in plan.shards for it in s.items)
+    return images + SHARD_OVERHEAD * len(plan.shards)
+
+
+def check_free_space(storage: Storage, plan: Plan) -> None:
+    """Before writing: fail at once if a local output cannot hold the set (shards already
+    published there count as written)."""
+    if storage.remote:
+        return
+    written = sum(os.path.getsize(p) for s in plan.shards if os.path.isfile(p := os.path.join(storage.root, s.name)))
+    need = estimated_bytes(plan) - written
+    free = shutil.disk_usage(storage.root).free
+    if need > free:
+        raise BuildError(
+            f"not enough free space at {storage.root}: the shards need about {_size(need)}, {_size(free)} is free; "
+            f"free {_size(need - free)} more or choose another --output"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
+
+
+def finish(
+    storage: Storage,
+    source: Source,
+    plan: Plan,
+    records: list[ShardRecord],
+    image_ext: str,
+    lock: OutputLock | None = None,
+) -> dict:
+    """Write the files for other readers, then manifest.json (last, atomically); drop the progress
+    records. With the build's lock given, first make sure it is still this build's (an object-store
+    lease can be lost)."""
     by_name = {r.name: r for r in records}
     missing = [s.name for s in plan.shards if s.name not in by_name]
     if missing:
         raise BuildError(f"shards not written: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     classes = [{"index": c.index, "id": c.id, "name": c.name} for c in source.classes()]
     m = new_manifest(plan.dataset, image_ext, plan.params, classes)
+    labelled = {it.label for s in plan.shards for it in s.items}
+    empty = [c["id"] for c in classes if c["index"] not in labelled]
+    if empty:  # kept on purpose (--allow-empty-classes): say which classes have no image
+        m["empty_classes"] = empty
     for split in plan.splits:
         specs = plan.split_shards(split)
         recs = [by_name[s.name] for s in specs]
@@ -206,12 +257,30 @@ def finish(storage: Storage, source: Source, plan: Plan, records: list[ShardReco
         }
         m["quarantine"] += [q.to_json() for q in plan.source_quarantine.get(split, [])]
         m["quarantine"] += [q for r in recs for q in r.quarantine]
+    if lock is not None:
+        lock.check()
     write_reader_files(storage, m)  # timm's _info.json, wids indexes: before the completeness marker
     write_manifest(storage, m)
     for s in plan.shards:
         storage.remove(_record_name(s))
     storage.remove(PROGRESS_DIR)
     return m
+
+
+def reused_records(plan: Plan, manifest: dict) -> list[ShardRecord]:
+    """The records of a set that was already complete (nothing written, every shard reused),
+    from its manifest, for summary_rows: each shard's quarantine is its planned items' entries."""
+    quarantined = {(q["key"], q["source"]): q for q in manifest.get("quarantine", [])}
+    records = []
+    for split in plan.splits:
+        entries = {e["name"]: e for e in manifest["splits"][split]["shards"]}
+        for spec in plan.split_shards(split):
+            e = entries[spec.name]
+            q = [quarantined[(it.key, it.source)] for it in spec.items if (it.key, it.source) in quarantined]
+            records.append(
+                ShardRecord(e["name"], e["index"], split, e["samples"], e["bytes"], e["sha256"], "", 0.0, True, q)
+            )
+    return records
 
 
 def summary_rows(plan: Plan, records: list[ShardRecord], seconds: dict[str, float]) -> list[dict]:
@@ -242,14 +311,35 @@ def build(
     workers: int | None = None,
     progress: Callable[[ShardRecord], None] | None = None,
     scratch: str | None = None,
+    wait: bool = False,
 ) -> dict:
-    """Build the whole set with a local process pool; returns the manifest."""
+    """Build the whole set with a local process pool, holding the output's lock; returns the manifest."""
     storage = Storage(output, scratch=scratch)
     plan = prepare(source, options, splits)
-    done = check_output(storage, plan)
-    if done is not None:
-        log.info("%s is already complete; nothing to do", storage.root)
-        return done
+    lock = OutputLock(storage, plan.params)
+    try:
+        lock.acquire(wait=wait)
+    except PermissionError as e:
+        raise BuildError(str(e)) from None
+    try:
+        done = check_output(storage, plan)
+        if done is not None:
+            log.info("%s is already complete; nothing to do", storage.root)
+            return done
+        records = _write_shards(source, plan, storage, options, workers, progress)
+        return finish(storage, source, plan, records, options.image_ext, lock)
+    finally:
+        lock.release()
+
+
+def _write_shards(
+    source: Source,
+    plan: Plan,
+    storage: Storage,
+    options: Options,
+    workers: int | None,
+    progress: Callable[[ShardRecord], None] | None,
+) -> list[ShardRecord]:
     workers = max(1, workers or os.cpu_count() or 1)
     records: list[ShardRecord] = []
     # Biggest first so one slow shard does not run alone at the end.
@@ -266,4 +356,4 @@ def build(
                 records.append(fut.result())
                 if progress:
                     progress(records[-1])
-    return finish(storage, source, plan, records, options.image_ext)
+    return records

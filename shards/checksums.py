@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-
-from tqdm import tqdm
+from collections.abc import Iterable, Mapping
 
 # The digests published with ILSVRC2012 (the same as torchvision.datasets.imagenet.ARCHIVE_META).
 OFFICIAL_MD5 = {
@@ -29,6 +28,8 @@ class ChecksumError(ValueError):
 
 def md5_file(path: str | os.PathLike, progress: bool = True) -> str:
     """Hex MD5 of a file, read in chunks, with a byte progress bar."""
+    from tqdm import tqdm  # here, not at the top: the CLI checks --md5 values before any hashing
+
     h = hashlib.md5(usedforsecurity=False)
     size = os.path.getsize(path)
     with (
@@ -62,13 +63,36 @@ def verify_md5(path: str | os.PathLike, expected: str, progress: bool = True) ->
         raise ChecksumError(f"MD5 mismatch for {path}: expected {expected.lower()}, got {actual}")
 
 
-def parse_md5_overrides(pairs: list[str] | tuple[str, ...] | None) -> dict[str, str]:
-    """Turn CLI `--md5 NAME=HEX` values into {NAME: hex}; NAME is the archive's file name."""
+def _md5_pairs(entries: Iterable[str] | Mapping[str, str] | None) -> list[tuple[str, str, str]]:
+    """(name, digest, as the user wrote it) for each entry."""
+    if isinstance(entries, Mapping):
+        return [(str(k), str(v), f"{k}={v}") for k, v in entries.items()]
+    pairs = []
+    for e in entries or ():
+        name, sep, digest = str(e).partition("=")
+        pairs.append((name, digest if sep else "", str(e)))
+    return pairs
+
+
+def parse_md5(
+    entries: Iterable[str] | Mapping[str, str] | None, expected: Iterable[str] | None = None
+) -> dict[str, str]:
+    """The one parser of `--md5` values: `NAME=HEX` strings (the CLI) or a {NAME: HEX} mapping
+    (a deployment's `-p md5=...`) -> {archive file name: lowercase hex}.
+
+    NAME may be a path: its file name is what counts (`/data/ILSVRC2012_img_val.tar=HEX`).
+    With `expected`, the archive names this source has, any other name is an error listing
+    them, so a misspelt name cannot be silently ignored.
+    """
     out: dict[str, str] = {}
-    for pair in pairs or ():
-        name, sep, digest = pair.partition("=")
-        name, digest = name.strip(), digest.strip()
-        if not sep or not name or not _HEX32.match(digest):
-            raise ChecksumError(f"--md5 wants NAME=HEX with a 32-digit hex MD5, got {pair!r}")
-        out[os.path.basename(name)] = digest.lower()
+    for name, digest, shown in _md5_pairs(entries):
+        name, digest = os.path.basename(name.strip().rstrip("/")), digest.strip()
+        if not name or not _HEX32.match(digest):
+            raise ChecksumError(f"--md5 {shown!r}: expected NAME=HEX with a 32-digit hex MD5")
+        out[name] = digest.lower()
+    known = None if expected is None else sorted(set(expected))
+    unknown = [n for n in out if known is not None and n not in known]
+    if unknown:
+        names = ", ".join(known) if known else "none: this source has no archive to check"
+        raise ChecksumError(f"--md5 {unknown[0]}: not an archive of this source (expected: {names})")
     return out

@@ -28,6 +28,18 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 Progress = Callable[[str, int, int | None], None]  # (file name, bytes so far, total or None)
 
 
+def archive_names(dataset: str, source: str | None) -> tuple[str, ...]:
+    """The archive file names a `--md5 NAME=HEX` may name for this dataset and source."""
+    if dataset == "imagenet":
+        return tuple(IMAGENET_ARCHIVES.values())
+    base = (source or "").rstrip("/").rsplit("/", 1)[-1]
+    if dataset == "cifar10":
+        return (base,) if base.endswith((".tar.gz", ".tgz")) else (CIFAR10_ARCHIVE,)
+    if dataset == "imagefolder" and source and is_url(source):
+        return (base,)  # the one archive of the tree
+    return ()  # a local folder or a generated set: no archive
+
+
 def _fetch_all(urls: list[str], cache_dir: str, md5: dict[str, str] | None, policy, progress, workers) -> list[str]:
     def one(url: str) -> str:
         name = url.rsplit("/", 1)[-1]

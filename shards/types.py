@@ -68,6 +68,11 @@ class Source(Protocol):
         ...
 
 
+# PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 1024**3 // 4 // 3): the default
+# --max-pixels. Larger images are quarantined (shards/images.py).
+DEFAULT_MAX_PIXELS = 1024**3 // 4 // 3
+
+
 @dataclass
 class Options:
     """Build options that change the bytes written; all of them go to manifest params."""
@@ -79,6 +84,7 @@ class Options:
     max_side: int | None = None
     image_ext: str = "jpg"  # jpg or png (png only for lossless sources like CIFAR-10)
     jpeg_quality: int = 95  # for re-encoded (repaired, resized, lossless-source) images
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are quarantined
     extra: dict = field(default_factory=dict)  # source-specific params, recorded verbatim
 
     def params(self) -> dict:
@@ -89,6 +95,7 @@ class Options:
             "verify": self.verify,
             "max_side": self.max_side,
             "jpeg_quality": self.jpeg_quality,
+            "max_pixels": self.max_pixels,
         }
         p.update(self.extra)
         return p

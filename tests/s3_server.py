@@ -25,6 +25,7 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _forget_s3_clients()  # an s3fs instance cached under an earlier endpoint would point there
     try:
         if bucket:
             import boto3
@@ -38,3 +39,10 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
             else:
                 os.environ[k] = v
         srv.stop()
+        _forget_s3_clients()
+
+
+def _forget_s3_clients() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()

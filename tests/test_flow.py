@@ -19,6 +19,7 @@ from helpers import PHOTOS, PhotoSource
 from prefect.client.orchestration import get_client
 
 import flows.build_shards as fb
+import flows.cli as cli
 from flows.build_shards import PROGRESS_KEY, SUMMARY_KEY, build_shards
 from flows.cli import main
 from flows.params import BuildParams, ParamError, parse_size
@@ -282,32 +283,65 @@ BAD_OPTIONS = {
     "bad size": (["--dataset", "demo", "--shard-size", "12 parsecs"], "--shard-size '12 parsecs': not a size"),
     "bad md5": (["--dataset", "imagenet", "--source", ".", "--md5", "ILSVRC2012_img_val.tar"], "expected NAME=HEX"),
     "short md5": (["--dataset", "imagenet", "--source", ".", "--md5", "a.tar=abc"], "32-digit hex"),
+    "misspelt md5 name": (
+        ["--dataset", "imagenet", "--source", ".", "--md5", "ILSVRC2012_img_vall.tar=" + "0" * 32],
+        "--md5 ILSVRC2012_img_vall.tar: not an archive of this source (expected: ILSVRC2012_devkit_t12.tar.gz, "
+        "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar)",
+    ),
+    "md5 for a folder": (["--dataset", "imagefolder", "--source", ".", "--md5", "x.tar=" + "0" * 32], "no archive"),
     "missing source": (["--dataset", "cifar10"], "--source is required for --dataset cifar10"),
     "absent source": (["--dataset", "imagefolder", "--source", "/nonexistent/x"], "no such file or folder"),
     "zero workers": (["--dataset", "demo", "--workers", "0"], "--workers 0: must be at least 1"),
     "bad verify": (["--dataset", "demo", "--verify", "all"], "--verify 'all'"),
     "demo option elsewhere": (["--dataset", "imagenet", "--source", ".", "--train-per-class", "3"], "demo only"),
+    "zero max pixels": (["--dataset", "demo", "--max-pixels", "0"], "--max-pixels 0: must be at least 1"),
+    "empty classes elsewhere": (["--dataset", "demo", "--allow-empty-classes"], "imagefolder only"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_OPTIONS, ids=list(BAD_OPTIONS))
-def test_cli_rejects_bad_options_in_one_line(case, tmp_path):
+def test_cli_rejects_bad_options_in_one_line(case, tmp_path, capsys, monkeypatch):
+    """In-process: the options are checked before the flow (or a server) is reached at all."""
     args, message = BAD_OPTIONS[case]
+    monkeypatch.setattr(cli, "run_build", lambda p: pytest.fail("a bad option reached the build"))
     out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["build-shards", *args, "--output", str(out)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert not out.exists()
+
+
+def test_a_bad_option_costs_no_prefect_import(tmp_path):
+    """The real command: one line on stderr, exit status 2, and Prefect never imported."""
+    probe = (
+        "import sys; from flows.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "finally:\n    print('prefect imported' if 'prefect' in sys.modules else 'no prefect', file=sys.stderr)\n"
+    )
+    args = ["build-shards", "--dataset", "demo", "--shard-size", "12 parsecs", "--output", str(tmp_path / "o")]
     env = os.environ | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}  # any server contact would fail loudly
     p = subprocess.run(
-        [sys.executable, "-m", "flows", "build-shards", *args, "--output", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [sys.executable, "-c", probe, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert p.returncode == 2, p.stderr
-    assert p.stdout == ""
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
-    assert not out.exists()
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        "error: --shard-size '12 parsecs': not a size (examples: 1GB, 500MB, 64MiB, 1000000)",
+        "no prefect",
+    ]
+
+
+def test_md5_names_may_be_paths_and_are_checked_for_local_archives():
+    p = BuildParams(
+        dataset="imagenet", source=".", output="x", md5=["/data/ILSVRC2012_img_val.tar=" + "A" * 32]
+    ).check()
+    assert p.md5 == {"ILSVRC2012_img_val.tar": "a" * 32}  # the path's file name counts, not the path
+    assert p.source_kwargs()["md5"] == p.md5  # a local archive with an explicit --md5 is checked
+    url = BuildParams(dataset="imagenet", source="https://m.example/i/", output="x", md5=p.md5).check()
+    assert url.source_kwargs()["md5"] == {}  # downloads are checked as they arrive, not hashed twice
 
 
 @pytest.mark.parametrize(
@@ -335,6 +369,23 @@ def test_params_record_what_changes_the_bytes():
     """Source options that change the images go to manifest params; check-only ones do not."""
     p = BuildParams(dataset="demo", output="x", **{k: v for k, v in DEMO.items() if k != "dataset"}).check()
     assert p.options().params()["train_per_class"] == 8 and p.options().params()["size"] == 48
-    inet = BuildParams(dataset="imagenet", source=".", output="x", md5={"a.tar": "0" * 32}, check_md5=True).check()
-    assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == {"a.tar": "0" * 32}
+    md5 = {"ILSVRC2012_img_val.tar": "0" * 32}
+    inet = BuildParams(dataset="imagenet", source=".", output="x", md5=md5, check_md5=True).check()
+    assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == md5
     assert BuildParams(dataset="cifar10", source=".", output="x").check().options().image_ext == "png"
+
+
+def test_a_second_build_into_a_held_output_fails_at_once(prefect_harness, tmp_path, capsys):
+    """As when a deployment run is triggered twice: the CLI (and the flow under it) takes the lock."""
+    from shards.lock import output_lock
+
+    out = tmp_path / "held"
+    argv = ["build-shards", "--dataset", "demo", "--output", str(out), "--train-per-class", "1", "--val-per-class", "1"]
+    with output_lock(str(out), {"seed": 7}):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: build-shards failed: LockHeld: {out} is locked by build pid {os.getpid()}")
+        assert "wait, or choose another --output" in last
+        assert sorted(p.name for p in out.iterdir()) == [".shardline.lock"]  # nothing written

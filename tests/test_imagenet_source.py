@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from ilsvrc_fixture import DEVKIT, TRAIN_TAR, VAL_TAR, make_ilsvrc
 
-from shards.checksums import OFFICIAL_MD5, ChecksumError, md5_file, parse_md5_overrides
+from shards.checksums import OFFICIAL_MD5, ChecksumError, md5_file, parse_md5
 from shards.sources import open_source, tarindex
 from shards.sources.imagenet import ImageNetError, ImageNetSource
 from shards.sources.tarindex import member_key
@@ -226,14 +226,31 @@ def test_check_md5_overrides_win(fx):
         ImageNetSource(str(root), check_md5=True, md5=wrong)
 
 
+def test_an_explicit_md5_of_a_local_archive_is_checked_without_check_md5(fx):
+    root, exp = fx
+    ImageNetSource(str(root), md5={VAL_TAR: exp["md5"][VAL_TAR]})  # right: fine (the others are not hashed)
+    with pytest.raises(ChecksumError, match=f"{VAL_TAR}: expected {'0' * 32}"):
+        ImageNetSource(str(root), md5={VAL_TAR: "0" * 32})
+
+
+def test_md5_names_are_checked_against_the_archives_expected():
+    expected = [TRAIN_TAR, VAL_TAR, DEVKIT]
+    assert parse_md5({f"/data/{VAL_TAR}": "B" * 32}, expected) == {VAL_TAR: "b" * 32}  # a deployment's mapping
+    with pytest.raises(ChecksumError) as e:
+        parse_md5(["ILSVRC2012_img_vall.tar=" + "0" * 32], expected)
+    assert str(e.value) == (
+        f"--md5 ILSVRC2012_img_vall.tar: not an archive of this source (expected: {DEVKIT}, {TRAIN_TAR}, {VAL_TAR})"
+    )
+
+
 def test_md5_file_and_override_parsing(tmp_path):
     p = tmp_path / "blob"
     p.write_bytes(os.urandom(100_000))
     assert md5_file(p, progress=False) == hashlib.md5(p.read_bytes()).hexdigest()
-    assert parse_md5_overrides([f"/x/{TRAIN_TAR}=" + "A" * 32]) == {TRAIN_TAR: "a" * 32}
+    assert parse_md5([f"/x/{TRAIN_TAR}=" + "A" * 32]) == {TRAIN_TAR: "a" * 32}
     for bad in ["nohash", f"{TRAIN_TAR}=xyz", "=" + "a" * 32]:
         with pytest.raises(ChecksumError, match="NAME=HEX"):
-            parse_md5_overrides([bad])
+            parse_md5([bad])
 
 
 def _rewrite_train(fx, root: Path, extra: list[tuple[str, bytes]]) -> None:

@@ -211,3 +211,11 @@ def test_bad_options_are_refused(tarball):
         Cifar10Source(str(tarball), jpeg_quality=0)
     with pytest.raises(Cifar10Error, match="needs --source"):
         open_source("cifar10", None)
+
+
+def test_an_explicit_md5_of_the_local_archive_is_checked(tarball):
+    from shards.checksums import ChecksumError, md5_file
+
+    Cifar10Source(str(tarball), md5={ARCHIVE: md5_file(tarball, progress=False)})
+    with pytest.raises(ChecksumError, match=f"{ARCHIVE}: expected {'0' * 32}"):
+        Cifar10Source(str(tarball), md5={ARCHIVE: "0" * 32})

@@ -227,3 +227,29 @@ def test_source_pickles_without_its_index(tmp_path):
     again = pickle.loads(blob)
     assert again.items("val") == src.items("val") and again.classes() == src.classes()
     assert again.read(src.items("train")[0]) == (tmp_path / src.items("train")[0].source).read_bytes()
+
+
+def test_empty_class_folders_are_an_error_naming_them(tmp_path):
+    _tree(tmp_path / "train", {"ant": 2, "bee": 1})
+    _tree(tmp_path / "val", {"ant": 1})
+    (tmp_path / "train" / "cow").mkdir()
+    (tmp_path / "val" / "bee").mkdir()
+    (tmp_path / "val" / "bee" / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageFolderError) as e:
+        ImageFolderSource(str(tmp_path))
+    message = str(e.value)
+    assert "class folders with no images" in message and "train/cow, val/bee" in message
+    assert "--allow-empty-classes" in message and "\n" not in message
+
+
+def test_allow_empty_classes_keeps_them_and_the_manifest_lists_them(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    _tree(tmp_path / "src", {"ant": 2, "cow": 2})
+    (tmp_path / "src" / "bee").mkdir()
+    src = open_source("imagefolder", str(tmp_path / "src"), allow_empty_classes=True)
+    assert [c.id for c in src.classes()] == ["ant", "bee", "cow"]  # labels as ImageFolder gives (allow_empty=True)
+    tv = ImageFolder(str(tmp_path / "src"), allow_empty=True)
+    assert tv.class_to_idx == {c.id: c.index for c in src.classes()}
+    m = build(src, str(tmp_path / "out"), Options(shard_samples=10), workers=1)
+    assert m["empty_classes"] == ["bee"] and [c["id"] for c in m["classes"]] == ["ant", "bee", "cow"]

@@ -27,7 +27,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from shards.types import ClassInfo, Item, Quarantined
+from shards.checksums import verify_md5
+from shards.types import ClassInfo, Item, Options, Quarantined
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
@@ -173,7 +174,13 @@ class Cifar10Source:
 
     dataset = "cifar10"
 
-    def __init__(self, path: str | None, image_ext: str = "png", jpeg_quality: int = 95) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        image_ext: str = "png",
+        jpeg_quality: int = Options.jpeg_quality,
+        md5: dict[str, str] | None = None,
+    ) -> None:
         if not path:
             raise Cifar10Error(f"cifar10 needs --source: {ARCHIVE} or a folder holding it")
         image_ext = {"jpeg": "jpg"}.get(image_ext, image_ext)
@@ -182,6 +189,8 @@ class Cifar10Source:
         if not 1 <= jpeg_quality <= 100:
             raise Cifar10Error(f"jpeg_quality must be 1..100, not {jpeg_quality}")
         self.path = os.path.abspath(_find(str(path)))
+        if md5 and os.path.basename(self.path) in md5:  # an explicit --md5 is checked
+            verify_md5(self.path, md5[os.path.basename(self.path)])
         self.image_ext = image_ext  # what the build should record as the manifest's image_ext
         self.jpeg_quality = jpeg_quality
 

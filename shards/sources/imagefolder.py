@@ -5,7 +5,9 @@
                                                                             or train + val by val_fraction
 
 Classes are the sorted class-folder names (val classes must also exist in train), so labels are
-the indexes torchvision's ImageFolder gives. Images are recognised by extension (any case);
+the indexes torchvision's ImageFolder gives. A class folder with no images is an error, as in
+ImageFolder, unless allow_empty_classes keeps it: a class with no images, listed in the
+manifest's "empty_classes". Images are recognised by extension (any case);
 whether the bytes really are an image is decided later, when they are packed.
 
 Nothing outside root is ever read: a symlink that resolves outside root, a link to a
@@ -188,7 +190,12 @@ class _Index:
     rejected: dict[str, list[Quarantined]]  # per split
 
 
-def _index_tree(root: str, val_fraction: float | None, seed: int) -> _Index:
+def _empty_classes(scan: _Scan) -> list[str]:
+    full = {f.class_id for f in scan.files}
+    return [c for c in scan.classes if c not in full]
+
+
+def _index_tree(root: str, val_fraction: float | None, seed: int, allow_empty: bool) -> _Index:
     root_real = os.path.realpath(root)
     present = [s for s in SPLITS if os.path.isdir(os.path.join(root, s))]
     if val_fraction is not None and "val" in present:
@@ -205,6 +212,13 @@ def _index_tree(root: str, val_fraction: float | None, seed: int) -> _Index:
             raise ImageFolderError(f"val classes not in train: {', '.join(extra[:5])}{more}")
     if not any(scan.files for scan in scans.values()):
         raise ImageFolderError(f"no images in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    empty = [f"{s}/{c}" if present else c for s, scan in scans.items() for c in _empty_classes(scan)]
+    if empty and not allow_empty:
+        more = f" and {len(empty) - 10} more" if len(empty) > 10 else ""
+        raise ImageFolderError(
+            f"class folders with no images in {root}: {', '.join(empty[:10])}{more} "
+            "(torchvision's ImageFolder refuses them too): remove them, or pass --allow-empty-classes to keep them"
+        )
 
     # Class folders, empty ones included, as torchvision's find_classes lists them.
     class_ids = sorted({c for scan in scans.values() for c in scan.classes})
@@ -224,7 +238,9 @@ class ImageFolderSource:
 
     dataset = "imagefolder"
 
-    def __init__(self, root: str | None, val_fraction: float | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, root: str | None, val_fraction: float | None = None, seed: int = 0, allow_empty_classes: bool = False
+    ) -> None:
         if not root:
             raise ImageFolderError("imagefolder needs --source: a folder of class folders")
         if not os.path.isdir(root):
@@ -233,12 +249,17 @@ class ImageFolderSource:
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ImageFolderError(f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction}")
         self.root = os.path.abspath(root)
-        self.val_fraction, self.seed = val_fraction, seed
-        self._index: _Index | None = _index_tree(self.root, val_fraction, seed)
+        self.val_fraction, self.seed, self.allow_empty_classes = val_fraction, seed, allow_empty_classes
+        self._index: _Index | None = _index_tree(self.root, val_fraction, seed, allow_empty_classes)
 
     # The index of a large tree is big; spawned workers only read() by locator, so it stays home.
     def __getstate__(self) -> dict:
-        return {"root": self.root, "val_fraction": self.val_fraction, "seed": self.seed}
+        return {
+            "root": self.root,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "allow_empty_classes": self.allow_empty_classes,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -246,7 +267,7 @@ class ImageFolderSource:
 
     def _idx(self) -> _Index:
         if self._index is None:
-            self._index = _index_tree(self.root, self.val_fraction, self.seed)
+            self._index = _index_tree(self.root, self.val_fraction, self.seed, self.allow_empty_classes)
         return self._index
 
     def classes(self) -> list[ClassInfo]:

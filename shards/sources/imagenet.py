@@ -27,7 +27,7 @@ from pathlib import PurePosixPath
 
 from tqdm import tqdm
 
-from shards.checksums import expected_md5, verify_md5
+from shards.checksums import OFFICIAL_MD5, expected_md5, verify_md5
 from shards.sources.tarindex import Member, iter_members, member_key, unsafe_reason
 from shards.types import ClassInfo, Item, Quarantined
 
@@ -113,7 +113,8 @@ class ImageNetSource:
 
     The devkit is required; a split whose archive is absent is not offered. With check_md5,
     every present archive is hashed before anything else and compared with `md5[name]` if
-    given, else the official digest (shards/checksums.py); `md5` alone checks nothing.
+    given, else the official digest (shards/checksums.py); without check_md5, only the
+    archives named in `md5` are checked.
     """
 
     dataset = "imagenet"
@@ -134,13 +135,12 @@ class ImageNetSource:
         self.archives = {s: p for s, p in self.archives.items() if os.path.isfile(p)}
         if not self.archives:
             raise ImageNetError(f"missing {TRAIN_TAR} and {VAL_TAR} in {self.root}: no split to build")
-        if check_md5:
-            for path in [devkit, *self.archives.values()]:
-                name = os.path.basename(path)
-                digest = expected_md5(name, md5)
-                if digest is None:  # not reachable for the three official names; kept for safety
-                    raise ImageNetError(f"no MD5 known for {name}: pass --md5 {name}=HEX")
-                verify_md5(path, digest)
+        # check_md5: every archive, against --md5 or the official digest; without it, only
+        # the archives given an explicit --md5 (a digest given is a digest to check).
+        for path in [devkit, *self.archives.values()]:
+            name = os.path.basename(path)
+            if check_md5 or name in (md5 or {}):
+                verify_md5(path, expected_md5(name, md5) or OFFICIAL_MD5[name])
                 log.info("md5 ok: %s", name)
         self.devkit = read_devkit(devkit)
         self._labels = {c.id: c.index for c in self.devkit.classes}
