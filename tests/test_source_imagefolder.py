@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from shards.build import build
+from shards.interop import reader_files
 from shards.manifest import MANIFEST
 from shards.sources import open_source
 from shards.sources.imagefolder import ImageFolderError, ImageFolderSource
@@ -149,6 +150,7 @@ def test_bad_files_are_quarantined_and_the_build_goes_on(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [MANIFEST] + [s["name"] for sp in m["splits"].values() for s in sp["shards"]]
         + [s["index"] for sp in m["splits"].values() for s in sp["shards"]]
+        + list(reader_files(m))
     )  # fmt: skip
 
 
