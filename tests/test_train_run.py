@@ -77,7 +77,7 @@ def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys
         "--data",
         str(photos),
         "--arch",
-        "resnet50",
+        "resnet18",
         "--stem",
         "standard",
         "--image-size",
@@ -123,8 +123,13 @@ def test_outputs_checkpoint_strict_load_and_tensorboard(photos, tmp_path, capsys
     # Weights are stored unwrapped: the plain torchvision model takes them strictly.
     for name in ("last.pt", "best.pt"):
         ck = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=False)
-        torchvision.models.resnet50(num_classes=4).load_state_dict(ck["model"], strict=True)
-        torchvision.models.resnet50(num_classes=4).load_state_dict(ck["ema"], strict=True)
+        torchvision.models.resnet18(num_classes=4).load_state_dict(ck["model"], strict=True)
+        torchvision.models.resnet18(num_classes=4).load_state_dict(ck["ema"], strict=True)
+    # best.pt is that epoch's last.pt: the best epoch's weights, not reloaded from disk.
+    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
+    best_epoch = max(range(len(lines)), key=lambda i: (lines[i]["val_top1"], -i))
+    assert best["epoch"] == best_epoch + 1 and best["batches"] == 0
+    assert best["history"] == lines[: best_epoch + 1]
     assert ck["num_classes"] == 4 and [c["id"] for c in ck["classes"]] == ["c0", "c1", "c2", "c3"]
 
     # TensorBoard: epoch and step scalars, hparams, and the grid of the first augmented batch.

@@ -2,29 +2,70 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from train import checkpoint as ckpt_io
-from train.config import OPTIONS, PRESETS, ConfigError, build_parser, parse
-from train.engine import evaluate  # noqa: F401  (import check: the engine imports cleanly)
-from train.models import CollapseError, build_model, check_collapse, unwrap
+from train.config import PRESETS, Config, ConfigError, build_parser, parse
+from train.distributed import TooManyRanks, pick_gpu
+from train.engine import choose_amp
+from train.models import CollapseError, build_model, check_collapse, check_deterministic, unwrap
 from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_optimizer, param_groups, peak_lr
 
-
 # -- command line ---------------------------------------------------------------------------------
-def test_help_explains_every_option():
-    text = build_parser().format_help()
-    for flags, _, kw in OPTIONS:
-        assert flags[0] in text
-        assert kw["help"].split()[0] in text
-    for name in PRESETS:
-        assert name in text
+# A value other than the default for each Config field, as typed on a command line.
+NON_DEFAULTS = {
+    "val_shards": ["v.tar"], "num_classes": "7", "backend": "dali", "workers": "3", "image_size": "64",
+    "arch": "resnet18", "stem": "small", "zero_init_residual": None, "epochs": "100", "batch_size": "32",
+    "accum_steps": "2", "optimizer": "adamw", "lr": "0.3", "momentum": "0.8", "nesterov": None, "wd": "0.01",
+    "warmup_epochs": "1.5", "min_lr": "0.001", "label_smoothing": "0.2", "mixup": "0.4", "cutmix": "0.5",
+    "ema": "0.99", "clip_grad": "2", "amp": "bf16", "channels_last": None, "compile": None,
+    "preset": "cifar10-resnet18", "output": "runs/x", "no_auto_resume": None, "checkpoint_minutes": "3",
+    "deterministic": None, "seed": "9", "log_every": "7", "progress": "never",
+}  # fmt: skip
+NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn"}  # each tested by its own checks
+
+
+def test_every_config_field_has_a_flag_that_sets_it_and_help_shows_its_default():
+    parser = build_parser()
+    dests = {a.dest: a for a in parser._actions}
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        assert f.name in dests, f"Config.{f.name} has no command-line option"
+        action = dests[f.name]
+        assert action.help and len(action.help) > 20, f"--{f.name}: no real help text"
+        if f.name in NOT_COMBINABLE:
+            continue
+        flag, value = action.option_strings[0], NON_DEFAULTS[f.name]
+        argv = ["--shards", "s.tar", flag, *(value if isinstance(value, list) else [] if value is None else [value])]
+        cfg = parse(argv)
+        got, default = getattr(cfg, f.name), getattr(defaults, f.name)
+        if f.name != "preset":
+            assert got != default, f"{flag} {value} left Config.{f.name} at its default {default!r}"
+        typed = action.type(value) if action.type and not isinstance(value, list) else got
+        assert got == typed or value is None, (flag, got)
+    help_text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    for name in ("epochs", "batch_size", "lr", "wd", "log_every", "checkpoint_minutes"):
+        flag = "--" + name.replace("_", "-")
+        shown = dests[name].help.split("(default: ")[-1].rstrip(")")
+        assert shown == str(getattr(defaults, name)) and f"(default: {shown})" in help_text, flag
+    assert all(name in help_text for name in PRESETS)
+
+
+def test_workers_default_is_the_loaders():
+    # Config.workers used to be 4 and always overrode the loader's machine-based default.
+    assert parse(["--shards", "s.tar"]).workers is None
+    assert parse(["--shards", "s.tar", "--preset", "demo"]).workers == PRESETS["demo"]["workers"]
+    assert parse(["--shards", "s.tar", "--workers", "0"]).workers == 0
 
 
 def test_preset_then_explicit_flags_win(tmp_path):
@@ -139,6 +180,48 @@ def test_mixup_cutmix_targets_and_resumable_rng():
         assert torch.equal(x1, x2) and torch.equal(t1, t2)
 
 
+def old_ema_update(ema: ModelEma, model: nn.Module) -> None:
+    """The per-tensor loop ModelEma.update was before torch._foreach_lerp_ (issue 14, item 6)."""
+    with torch.no_grad():
+        ema.updates += 1
+        d = min(ema.decay, (1 + ema.updates) / (10 + ema.updates))
+        src = model.state_dict()
+        for name, ema_t in ema.module.state_dict().items():
+            t = src[name].detach()
+            if ema_t.is_floating_point():
+                ema_t.mul_(d).add_(t.to(ema_t.dtype), alpha=1 - d)
+            else:
+                ema_t.copy_(t)
+
+
+def test_ema_equals_the_old_per_tensor_loop():
+    torch.manual_seed(0)
+    model = build_model("train.nets:NarrowResNet", 5, stem="standard", image_size=32)  # convs, BN, a residual
+    new, old = ModelEma(model, decay=0.9), ModelEma(model, decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(12):  # real steps: weights and BN statistics move, num_batches_tracked counts
+        model.train()
+        loss = model(torch.randn(4, 3, 16, 16)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        new.update(model)
+        old_ema_update(old, model)
+    a, b = new.state_dict(), old.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-6), k
+    assert int(a["bn1.num_batches_tracked"]) == 12
+    assert not torch.equal(a["conv1.weight"], model.state_dict()["conv1.weight"])  # an average, not a copy
+    # Loading a state (resume) keeps the cached tensor lists valid: updates land in the loaded EMA.
+    resumed = ModelEma(model, decay=0.9)
+    resumed.update(model)
+    resumed.load_state_dict(copy.deepcopy(b), updates=old.updates)
+    resumed.update(model)
+    old_ema_update(old, model)
+    assert all(torch.allclose(resumed.state_dict()[k].double(), old.state_dict()[k].double(), atol=1e-6) for k in b)
+
+
 def test_ema_follows_the_weights():
     model = nn.Linear(2, 1)
     ema = ModelEma(model, decay=0.5)
@@ -163,10 +246,65 @@ def test_atomic_save_replaces_whole_and_leaves_no_temp(tmp_path):
         ckpt_io.load(str(bad))
 
 
-def test_rng_state_roundtrip():
-    state = ckpt_io.rng_state()
-    a = (torch.rand(3), float(__import__("numpy").random.rand()), __import__("random").random())
-    ckpt_io.set_rng_state(state)
-    b = (torch.rand(3), float(__import__("numpy").random.rand()), __import__("random").random())
+def test_rng_state_roundtrip_and_layout():
+    cpu = torch.device("cpu")
+    state = ckpt_io.rng_state(cpu)
+    # This rank's generators only: no per-GPU list that a process seeing fewer GPUs would index past.
+    assert set(state) == {"torch", "cuda", "numpy", "python"} and state["cuda"] is None
+    a = (torch.rand(3), float(np.random.rand()), random.random())
+    ckpt_io.set_rng_state(state, cpu)
+    b = (torch.rand(3), float(np.random.rand()), random.random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
     assert math.isfinite(b[1])
+    # A checkpoint from before (a list of every visible GPU's state) still restores on CPU.
+    old_layout = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    ckpt_io.set_rng_state(old_layout, cpu)
+    assert torch.equal(torch.rand(3), a[0])
+
+
+# -- devices ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "device_type, native_bf16, want",
+    [("cuda", True, "bf16"), ("cuda", False, "fp16"), ("cpu", False, "none"), ("cpu", True, "none")],
+)
+def test_amp_auto_is_bf16_only_where_the_gpu_has_it_natively(device_type, native_bf16, want):
+    assert choose_amp("auto", device_type, native_bf16) == want
+    assert choose_amp("fp16", device_type, native_bf16) == "fp16"  # an explicit choice stands
+
+
+def test_amp_auto_asks_torch_without_emulation(monkeypatch):
+    # V100/T4: is_bf16_supported() says yes only through emulation; --amp auto must pick fp16 there.
+    from train import engine
+
+    asked = {}
+
+    def is_bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a GPU whose bf16 is emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert engine.resolve_amp("auto", torch.device("cuda", 0)) == "fp16"
+    assert asked == {"including_emulation": False}
+    assert engine.resolve_amp("auto", torch.device("cpu")) == "none"
+
+
+def test_deterministic_on_cuda_rejects_models_pooling_to_more_than_1x1():
+    alexnet = build_model("alexnet", 10, stem="standard", image_size=224)
+    with pytest.raises(ValueError) as e:
+        check_deterministic(alexnet, "cuda", "alexnet")
+    msg = str(e.value)
+    assert "avgpool (AdaptiveAvgPool2d to 6x6)" in msg and "--deterministic" in msg and "\n" not in msg
+    check_deterministic(alexnet, "cpu", "alexnet")  # CPU kernels are deterministic
+    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((7, 7)), nn.Flatten(), nn.Linear(196, 2))
+    with pytest.raises(ValueError, match="to 7x7"):
+        check_deterministic(vgg_like, "cuda")
+    check_deterministic(build_model("resnet18", 10, stem="small", image_size=32), "cuda", "resnet18")  # 1x1: a mean
+
+
+def test_more_ranks_than_gpus_fails_at_once():
+    assert [pick_gpu(r, 4, 4, False) for r in range(4)] == [0, 1, 2, 3]
+    assert pick_gpu(3, 4, 1, one_per_process=True) == 0  # the launcher bound one GPU to each process
+    with pytest.raises(TooManyRanks, match=r"local rank 2 of 4 but this process sees 2 GPU\(s\).*nproc_per_node=2"):
+        pick_gpu(2, 4, 2, False)
+    with pytest.raises(TooManyRanks):
+        pick_gpu(1, 2, 1, one_per_process=False)

@@ -13,7 +13,9 @@ older checkpoint's RNG state holds; a checkpoint that carries any other pickled 
 a class) is refused, never run. New checkpoints hold no numpy objects at all, so plain
 `torch.load(path)` (weights_only by default) reads them, and torchvision models take ckpt["model"].
 
-Layout (a plain dict, versioned by "format" and "format_version"):
+Layout (a plain dict, versioned by "format" and "format_version"), built by `payload` and read
+back by `restore`, the only two places that know it; best.pt is the payload just written as
+last.pt, written again (never last.pt read back):
 
     model        state_dict of the unwrapped model (no "module." / "_orig_mod." prefixes), so
                  torchvision.models.resnet50(num_classes=C).load_state_dict(ckpt["model"]) works
@@ -22,12 +24,13 @@ Layout (a plain dict, versioned by "format" and "format_version"):
     epoch        the epoch in progress (or just finished: then batches == batches_per_epoch)
     batches      micro-batches of that epoch already trained on
     global_step  optimizer steps so far (the lr schedule is a function of it)
-    ranks        per rank: loader state_dict, RNG states (torch, cuda, numpy, python,
-                 mixup), and the epoch's running sums (loss, count, seconds)
+    ranks        per rank: loader state_dict, RNG states (torch, this rank's GPU, numpy,
+                 python, mixup), and the epoch's running sums (loss, count, seconds)
     history      the metrics.jsonl lines of finished epochs (rewritten from here on resume)
     samples_seen, samples_before_epoch   samples trained on (all ranks) in all, and before this
                  epoch: the lr schedule's clock when the world size or batch changes (train/elastic.py)
     format, format_version   "shardline-checkpoint", FORMAT_VERSION (added by save_atomic)
+    seconds      wall time of the run so far
     best_val_top1, config, arch, num_classes, classes, image_size, stem, world_size
 """
 
@@ -37,9 +40,17 @@ import os
 import pickle
 import random
 import tempfile
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
+
+from train import elastic
+from train.distributed import Dist, gather_objects
+from train.engine import EpochState
+from train.recipe import MixupCutmix, ModelEma
 
 LAST, BEST, PREVIOUS = "last.pt", "best.pt", "previous.pt"
 FORMAT = "shardline-checkpoint"
@@ -173,32 +184,35 @@ def load_latest(folder: str) -> tuple[dict, str, str | None]:
         return ckpt, previous, f"warning: {e}; resuming from the previous checkpoint {previous} instead"
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """RNG states of this process: torch CPU, this rank's GPU only (None on CPU), numpy, python.
+
+    Only this rank's GPU (issue 14, item 8): the other visible GPUs' generators are never drawn
+    from by this rank, and a resume in a process that sees fewer GPUs must not index past them.
+    device None: the current CUDA device where there is one.
+    """
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": _numpy_state_plain(),
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before issue 14 saved every visible GPU's state
+        index = device.index or 0
+        cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     np.random.set_state(_numpy_state_from(state["numpy"]))
     random.setstate(state["python"])
-
-
-def strip_prefixes(state_dict: dict) -> dict:
-    """Belt and braces for state dicts saved from wrapped models elsewhere."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
 
 
 def _numpy_state_plain() -> tuple:
@@ -211,3 +225,131 @@ def _numpy_state_from(state: tuple) -> tuple:
     name, key, *rest = state
     key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
     return (name, key.astype(np.uint32), *rest)
+
+
+# -- the payload: built and read here only ------------------------------------------------------------
+
+
+@dataclass
+class Stateful:
+    """The live objects a checkpoint saves and restores."""
+
+    model: nn.Module  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEma | None
+    mixing: MixupCutmix
+    loader: object  # loaders.Loader: state_dict / load_state_dict
+
+
+@dataclass
+class Progress:
+    """What the run has learnt so far, beside the epoch state."""
+
+    history: list[dict] = field(default_factory=list)
+    best: float = float("-inf")
+    seconds: float = 0.0  # run time before this process started (a resumed run)
+    samples_base: int = 0  # samples trained on in the epochs before the current one (all ranks): the schedule's clock
+
+
+def rank_state(state: EpochState, parts: Stateful, device: torch.device) -> dict:
+    """This rank's share of a checkpoint (gathered from every rank by the caller)."""
+    return {
+        "loader": parts.loader.state_dict(),
+        "rng": rng_state(device),
+        "mixing": parts.mixing.state_dict(),
+        "loss_sum": state.loss_sum,
+        "seen": state.seen,
+        "seconds": state.seconds,
+        "wait_seconds": state.wait_seconds,
+        "lr": state.lr,
+    }
+
+
+def payload(parts: Stateful, state: EpochState, ranks: list[dict], progress: Progress, meta: dict) -> dict:
+    """The whole checkpoint. meta: seconds, config, arch, stem, image_size, num_classes, classes, world_size."""
+    ema = parts.ema
+    return {
+        "samples_seen": progress.samples_base + sum(r["seen"] for r in ranks),
+        "samples_before_epoch": progress.samples_base,
+        "model": parts.model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "ema_updates": ema.updates if ema is not None else 0,
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+        "epoch": state.epoch,
+        "batches": state.batches,
+        "global_step": state.global_step,
+        "ranks": ranks,
+        "history": progress.history,
+        "best_val_top1": progress.best,
+        **meta,
+    }
+
+
+def restore_weights(ck: dict, parts: Stateful) -> None:
+    """Model, optimizer, grad scaler and EMA: what carries over whatever the new shape."""
+    parts.model.load_state_dict(ck["model"])
+    parts.optimizer.load_state_dict(ck["optimizer"])
+    if parts.scaler is not None and ck.get("scaler"):
+        parts.scaler.load_state_dict(ck["scaler"])
+    if parts.ema is not None and ck.get("ema") is not None:
+        parts.ema.load_state_dict(ck["ema"], ck.get("ema_updates", 0))
+
+
+def restore(ck: dict, parts: Stateful, rank: int, device: torch.device) -> EpochState:
+    """A checkpoint of the same shape (train/elastic.py: same_shape): everything, this rank's part included.
+
+    The loader position and running sums mid-epoch, the RNG streams and the mixup generator, so
+    the resumed run repeats the uninterrupted one exactly.
+    """
+    restore_weights(ck, parts)
+    state = EpochState(ck["epoch"], ck["batches"], ck["global_step"])
+    mine = ck["ranks"][rank]
+    if state.batches > 0:
+        state.loss_sum, state.seen = mine["loss_sum"], mine["seen"]
+        state.seconds, state.wait_seconds, state.lr = mine["seconds"], mine["wait_seconds"], mine["lr"]
+        parts.loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"], device)
+    parts.mixing.load_state_dict(mine["mixing"])
+    return state
+
+
+def progress_of(ck: dict) -> Progress:
+    return Progress(
+        list(ck.get("history", [])),
+        ck.get("best_val_top1", float("-inf")),
+        ck.get("seconds", 0.0),
+        elastic.samples_before_epoch(ck),
+    )
+
+
+class Checkpointer:
+    """Writes OUTPUT/checkpoints/last.pt (every rank takes part: their states are gathered) and best.pt."""
+
+    def __init__(self, folder: str, parts: Stateful, dist: Dist, meta: dict, minutes: float, t_start: float) -> None:
+        self.last_path, self.best_path = os.path.join(folder, LAST), os.path.join(folder, BEST)
+        self.parts, self.dist, self.meta, self.minutes = parts, dist, meta, minutes
+        self.t_start = t_start  # time.time() at the start of this process, less a resumed run's seconds
+        self._saved_at = time.monotonic()
+
+    def due(self) -> bool:
+        """Rank 0's clock: --checkpoint-minutes passed since the last save (the trainer shares the decision)."""
+        return self.dist.is_main and self.minutes > 0 and time.monotonic() - self._saved_at >= self.minutes * 60
+
+    def save_last(self, state: EpochState, progress: Progress) -> dict | None:
+        """Gather every rank's state, write last.pt on rank 0 (the one it replaces kept as previous.pt);
+        the payload written (None on other ranks)."""
+        ranks = gather_objects(rank_state(state, self.parts, self.dist.device), self.dist)
+        written = None
+        if self.dist.is_main:
+            meta = {**self.meta, "seconds": time.time() - self.t_start}
+            written = payload(self.parts, state, ranks, progress, meta)
+            save_atomic(written, self.last_path, keep_previous=True)
+        self._saved_at = time.monotonic()
+        return written
+
+    def save_best(self, written: dict | None) -> None:
+        """best.pt: the payload just written as last.pt, written again (not reloaded from disk)."""
+        if written is not None:
+            save_atomic(written, self.best_path)

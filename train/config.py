@@ -1,8 +1,9 @@
 """Command line of `python -m train`: options, presets, and the checks that run before any work.
 
-Precedence, lowest first: built-in defaults, then the --preset's values, then flags given on
-the command line. Every option is one entry in OPTIONS (flag, type, default, help), so the
---help text, the defaults and the presets cannot drift apart.
+Precedence, lowest first: built-in defaults (the Config fields), then the --preset's values,
+then flags given on the command line. Every option is one entry in OPTIONS (flags, Config
+field, argparse kwargs); its default is the Config field's, which --help shows, so the help
+text, the defaults and the presets cannot drift apart.
 
 Batch size is per process (per GPU), as in torchvision's reference scripts: --batch-size 256
 on 8 GPUs is a global batch of 2048, and the learning rate is scaled to --lr x 2048 / 256.
@@ -32,7 +33,7 @@ class Config:
     val_shards: list[str] | None = None
     num_classes: int | None = None
     backend: str = "auto"
-    workers: int = 4
+    workers: int | None = None  # None: the loader's default for this machine (loaders/dali.py, pytorch.py)
     image_size: int = 224
     # model
     arch: str = "resnet50"
@@ -174,7 +175,16 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
             help="loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)",
         ),
     ),
-    (("--workers",), "workers", dict(type=int, metavar="N", help="loader worker threads/processes per rank")),
+    (
+        ("--workers",),
+        "workers",
+        dict(
+            type=int,
+            metavar="N",
+            help="loader worker threads (dali) or processes (pytorch) per rank (default: the loader's, from the "
+            "machine's cores and GPUs)",
+        ),
+    ),
     (
         ("--image-size",),
         "image_size",
@@ -493,6 +503,12 @@ def check_arch(arch: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    _check_data(cfg)
+    _check_numbers(cfg)
+    _check_run(cfg)
+
+
+def _check_data(cfg: Config) -> None:
     if cfg.evaluate:
         if not os.path.isfile(cfg.evaluate):
             raise ConfigError(f"--evaluate {cfg.evaluate}: no such checkpoint file")
@@ -500,22 +516,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError("--evaluate needs validation data: --data DIR or --val-shards SPEC")
         if cfg.shards:
             raise ConfigError("--evaluate takes --data or --val-shards, not --shards (training shards)")
-    else:
-        if cfg.data and cfg.shards:
-            raise ConfigError("give either --data DIR or --shards SPEC, not both")
-        if not (cfg.data or cfg.shards):
-            raise ConfigError("no training data: give --data DIR (with manifest.json) or --shards SPEC")
-        if cfg.data and cfg.val_shards:
-            raise ConfigError("--val-shards goes with --shards; with --data the val split of the manifest is used")
-        check_arch(cfg.arch)
+        return
+    if cfg.data and cfg.shards:
+        raise ConfigError("give either --data DIR or --shards SPEC, not both")
+    if not (cfg.data or cfg.shards):
+        raise ConfigError("no training data: give --data DIR (with manifest.json) or --shards SPEC")
+    if cfg.data and cfg.val_shards:
+        raise ConfigError("--val-shards goes with --shards; with --data the val split of the manifest is used")
+    check_arch(cfg.arch)
+
+
+def _check_numbers(cfg: Config) -> None:
     if cfg.overfit_batches is not None:
         if cfg.evaluate:
             raise ConfigError("--overfit-batches trains; it does not go with --evaluate")
         _positive(cfg, "overfit_batches")
     for name in ("epochs", "batch_size", "accum_steps", "lr", "image_size", "log_every", "overfit_steps"):
         _positive(cfg, name)
-    for name in ("wd", "warmup_epochs", "min_lr", "mixup", "cutmix", "clip_grad", "checkpoint_minutes", "workers"):
+    for name in ("wd", "warmup_epochs", "min_lr", "mixup", "cutmix", "clip_grad", "checkpoint_minutes"):
         _positive(cfg, name, allow_zero=True)
+    if cfg.workers is not None:
+        _positive(cfg, "workers", allow_zero=True)
     if cfg.batch_size % cfg.accum_steps:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --accum-steps {cfg.accum_steps}")
     if not cfg.evaluate and cfg.warmup_epochs >= cfg.epochs and cfg.epochs > 1:
@@ -528,6 +549,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--image-size must be at least 16 px, not {cfg.image_size}")
     if cfg.num_classes is not None and cfg.num_classes < 2:
         raise ConfigError(f"--num-classes must be at least 2, not {cfg.num_classes}")
+
+
+def _check_run(cfg: Config) -> None:
     if cfg.resume and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint file")
     if cfg.resume and cfg.no_auto_resume:
@@ -538,5 +562,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); drop it on CPU")
     if cfg.amp == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--amp fp16 needs a CUDA GPU; on CPU use --amp bf16 or none")
-    if cfg.compile and not hasattr(torch, "compile"):
-        raise ConfigError("--compile needs torch.compile (torch >= 2.0)")

@@ -33,6 +33,28 @@ class Dist:
         return self.world_size > 1
 
 
+class TooManyRanks(RuntimeError):
+    """More ranks on this machine than GPUs it shows them: NCCL would fail later, obscurely."""
+
+
+def pick_gpu(local_rank: int, local_world: int, device_count: int, one_per_process: bool) -> int:
+    """This rank's GPU index, or TooManyRanks.
+
+    torchrun gives each local rank the GPU of its number. A launcher that binds one GPU to
+    each process (CUDA_VISIBLE_DEVICES holding one device) leaves each rank GPU 0. Anything
+    else (local_rank % device_count, as before) puts two ranks on one GPU, which NCCL only
+    reports at the first collective as "Duplicate GPU detected".
+    """
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1 and one_per_process:
+        return 0
+    raise TooManyRanks(
+        f"local rank {local_rank} of {local_world} but this process sees {device_count} GPU(s): "
+        f"run at most {device_count} processes per machine (torchrun --nproc_per_node={device_count})"
+    )
+
+
 def setup(timeout_minutes: float = 30.0) -> Dist:
     """Read torchrun's environment, pick the device, and join the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -40,7 +62,9 @@ def setup(timeout_minutes: float = 30.0) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        one_per_process = bool(visible) and "," not in visible
+        torch.cuda.set_device(pick_gpu(local_rank, local_world, torch.cuda.device_count(), one_per_process))
         device = torch.device("cuda", torch.cuda.current_device())
         backend = "nccl"
     else:
@@ -68,22 +92,24 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
-def any_ranks(flags: list[bool | torch.Tensor], d: Dist) -> list[bool]:
+def any_ranks(flags: list[bool | torch.Tensor], d: Dist, *, read: bool = True) -> list[bool] | torch.Tensor:
     """For each flag: true on every rank when it is true on any rank, in one small collective.
 
     Keeps decisions (stop on a non-finite loss, write a checkpoint now) in lockstep, so no
-    rank ever waits at a collective the others have left.
+    rank ever waits at a collective the others have left. read=False returns the int32
+    tensor without waiting for it (the trainer reads it a step later); Python flags become
+    device tensors through a fill kernel, not a blocking host-to-device copy.
     """
     parts = [
         f.detach().reshape(()).to(d.device, torch.int32)
         if isinstance(f, torch.Tensor)
-        else torch.tensor(int(f), dtype=torch.int32, device=d.device)
+        else torch.full((), int(f), dtype=torch.int32, device=d.device)
         for f in flags
     ]
     t = torch.stack(parts)
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [bool(v) for v in t.tolist()] if read else t
 
 
 def average_buffers(model: torch.nn.Module, d: Dist) -> None:
@@ -108,14 +134,6 @@ def gather_objects(obj: object, d: Dist) -> list:
     out: list = [None] * d.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj: object, d: Dist) -> object:
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def barrier(d: Dist) -> None:

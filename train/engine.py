@@ -3,8 +3,15 @@
 A training step = `accum_steps` forward/backward passes (DDP's gradient all-reduce only on
 the last, through no_sync), one small all-reduce of two flags (non-finite loss on any rank;
 rank 0 wants a checkpoint) so every rank takes the same decision, then clipping, the
-optimizer step, the lr schedule and the EMA. The flag check is also what keeps the last good
-checkpoint intact: a non-finite loss stops the run before the optimizer applies it.
+optimizer step, the lr schedule and the EMA.
+
+Nothing in a step waits for the GPU. The flags of step t are read on the host after step
+t + 1 has been queued (a step late), the loss sum stays on the device until a checkpoint or
+the epoch end needs it, and the progress bar reads the loss only every --log-every steps; so
+the CPU runs ahead of the GPU and loader waits are real waits. A non-finite loss is therefore
+found one step after it happened: the run stops there, before any checkpoint is written, so
+the last checkpoint on disk (taken only after its own step's flags were read) is always
+finite. Before a checkpoint every pending flag is read first.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from train.recipe import MixupCutmix, ModelEma, WarmupCosine
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; training stopped before applying that step."""
+    """The loss became NaN or inf; training stopped before any checkpoint took that step."""
 
 
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -31,13 +38,20 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that have it, fp16 (with a grad scaler) on older GPUs, none on CPU."""
+def choose_amp(amp: str, device_type: str, native_bf16: bool) -> str:
+    """auto: bf16 where the GPU computes it natively (Ampere and later), fp16 with a grad scaler
+    on older GPUs (V100, T4: their bf16 is emulated, several times slower), none on CPU."""
     if amp != "auto":
         return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device_type == "cuda":
+        return "bf16" if native_bf16 else "fp16"
     return "none"
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    # including_emulation defaults to True, which answers yes on V100/T4 (issue 14, item 1).
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_amp(amp, device.type, native)
 
 
 @dataclass
@@ -55,6 +69,18 @@ class EpochState:
 
     def reset(self, epoch: int) -> None:
         self.epoch, self.batches, self.loss_sum, self.seen, self.seconds, self.wait_seconds = epoch, 0, 0.0, 0, 0.0, 0.0
+
+
+@dataclass
+class _Pending:
+    """A queued step whose flags the host has not read yet."""
+
+    flags: torch.Tensor  # int32 [2]: non-finite on any rank, checkpoint wanted by rank 0
+    epoch: int
+    batches: int  # state.batches before the step
+    step: int  # state.global_step before the step
+    lr: float
+    loss: torch.Tensor  # this step's per-sample mean loss (for the error message)
 
 
 @dataclass
@@ -76,6 +102,8 @@ class Trainer:
     raw_model: nn.Module | None = None  # unwrapped: what the EMA averages
     on_first_batch: Callable[[torch.Tensor], None] | None = None
     _first_logged: bool = field(default=False, repr=False)
+    _pending: list[_Pending] = field(default_factory=list, repr=False)
+    _loss_sum: torch.Tensor | None = field(default=None, repr=False)  # state.loss_sum, on the device
 
     def train_epoch(
         self,
@@ -84,62 +112,90 @@ class Trainer:
         *,
         want_checkpoint: Callable[[], bool],
         save_checkpoint: Callable[[], None],
-        on_step: Callable[[EpochState, float, int], None] | None = None,
+        on_step: Callable[[EpochState, torch.Tensor, int], None] | None = None,
     ) -> None:
-        """Train from state.batches to the end of the epoch; state is updated after every step."""
+        """Train from state.batches to the end of the epoch; state is exact when this returns
+        and whenever save_checkpoint is called (loss_sum included)."""
         self.model.train()
         n = len(loader)
         it = iter(loader)
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        self._loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=self.dist.device)
         while state.batches < n:
             t_step = time.perf_counter()
             group = min(self.accum_steps, n - state.batches)
-            loss_total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-            nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
-            wait = 0.0
-            samples = 0
-            for i in range(group):
-                t_wait = time.perf_counter()
-                images, labels = next(it)
-                wait += time.perf_counter() - t_wait
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = labels
-                if self.mixing is not None and self.mixing.enabled:
-                    images, targets = self.mixing(images, labels)
-                if not self._first_logged and self.on_first_batch is not None:
-                    self.on_first_batch(images)
-                self._first_logged = True
-                sync = self.model.no_sync() if ddp and i < group - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(self.amp, self.dist.device):
-                        loss = self.criterion(self.model(images), targets)
-                    scaled = loss / group
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                loss = loss.detach().float()
-                nonfinite |= ~torch.isfinite(loss)
-                loss_total += loss.double() * images.shape[0]
-                samples += images.shape[0]
-
-            stop, checkpoint = any_ranks([nonfinite, want_checkpoint()], self.dist)
-            if stop:
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss.item()}) at epoch {state.epoch}, batch {state.batches}, step "
-                    f"{state.global_step} (lr {state.lr:.4g}): stopped before applying it"
-                )
+            loss_total, nonfinite, samples, wait = self._forward_backward(it, group)
+            flags = any_ranks([nonfinite, want_checkpoint()], self.dist, read=False)
+            mean_loss = loss_total / max(1, samples)
+            self._pending.append(_Pending(flags, state.epoch, state.batches, state.global_step, state.lr, mean_loss))
             state.lr = self.schedule.apply(self.optimizer, state.global_step)
             self._optimizer_step()
             state.global_step += 1
             state.batches += group
             state.seen += samples
-            state.loss_sum += loss_total.item()  # also the per-step sync that keeps timings honest
+            self._loss_sum += loss_total
             state.wait_seconds += wait
-            state.seconds += time.perf_counter() - t_step
-            if on_step is not None:
-                on_step(state, loss_total.item() / max(1, samples), group)
+            # The previous step's flags: long done on the device by now, so reading them costs no wait.
+            checkpoint = self._settle(keep=1)
             if checkpoint and state.batches < n:  # the epoch-end checkpoint follows anyway
+                self._settle(keep=0)  # this step too: a checkpoint never holds an unchecked step
+                state.loss_sum = self._loss_sum.item()
                 save_checkpoint()
+            if on_step is not None:
+                on_step(state, mean_loss, group)
+            state.seconds += time.perf_counter() - t_step
+        t_end = time.perf_counter()
+        self._settle(keep=0)
+        state.loss_sum = self._loss_sum.item()  # waits for the last step: its time belongs to the epoch
+        state.seconds += time.perf_counter() - t_end
+
+    def _forward_backward(self, it, group: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """`group` micro-batches: summed loss (float64, on the device), non-finite flag, samples, loader wait."""
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
+        wait, samples = 0.0, 0
+        for i in range(group):
+            t_wait = time.perf_counter()
+            images, labels = next(it)
+            wait += time.perf_counter() - t_wait
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if self.mixing is not None and self.mixing.enabled:
+                images, targets = self.mixing(images, labels)
+            if not self._first_logged and self.on_first_batch is not None:
+                self.on_first_batch(images)
+            self._first_logged = True
+            sync = self.model.no_sync() if ddp and i < group - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(self.amp, self.dist.device):
+                    loss = self.criterion(self.model(images), targets)
+                scaled = loss / group
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss = loss.detach().float()
+            nonfinite |= ~torch.isfinite(loss)
+            loss_total += loss.double() * images.shape[0]
+            samples += images.shape[0]
+        return loss_total, nonfinite, samples, wait
+
+    def _settle(self, keep: int) -> bool:
+        """Read the flags of all pending steps but the last `keep`; raise on a non-finite loss.
+
+        Returns whether rank 0 asked for a checkpoint in one of them.
+        """
+        checkpoint = False
+        while len(self._pending) > keep:
+            p = self._pending.pop(0)
+            stop, wanted = (bool(v) for v in p.flags.tolist())
+            if stop:
+                self._pending.clear()
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(
+                    f"non-finite loss ({p.loss.item()}) at epoch {p.epoch}, batch {p.batches}, step "
+                    f"{p.step} (lr {p.lr:.4g}): stopped before any checkpoint took it"
+                )
+            checkpoint |= wanted
+        return checkpoint
 
     def _optimizer_step(self) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -164,7 +220,8 @@ def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", channels_l
 
     Per-rank sums of correct predictions, losses and sample counts (padding rows left out
     through the loader's valid mask) are all-reduced, so the result equals a single-process
-    evaluation of the same data whatever the world size.
+    evaluation of the same data whatever the world size. Masking by multiplication, not by
+    indexing, so no batch waits for the GPU (loss[valid] needs the count on the host).
     """
     was_training = model.training
     model.eval()
@@ -183,7 +240,7 @@ def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", channels_l
             [
                 (hit[:, 0] & valid).sum(),
                 (hit.any(dim=1) & valid).sum(),
-                loss[valid].sum(),
+                torch.where(valid, loss, 0.0).sum(),
                 valid.sum(),
             ]
         ).double()

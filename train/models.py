@@ -115,6 +115,32 @@ def check_collapse(model: nn.Module, image_size: int, arch: str = "") -> None:
         raise CollapseError(f"{what}: layer {layer} ({kind}) turns a {shape} map into an empty one{hint}")
 
 
+def nondeterministic_on_cuda(model: nn.Module) -> list[str]:
+    """Layers whose CUDA backward has no deterministic kernel: adaptive pools to more than 1x1.
+
+    An adaptive pool to 1x1 (ResNet, ConvNeXt, EfficientNet...) is computed as a mean, which
+    is deterministic; VGG's (7x7) and AlexNet's (6x6) run adaptive_avg_pool2d_backward_cuda,
+    which torch.use_deterministic_algorithms(True) refuses at the first backward.
+    """
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
+            if isinstance(m, nn.AdaptiveMaxPool2d) or any(s != 1 for s in size):
+                found.append(f"{name} ({type(m).__name__} to {'x'.join(str(s) for s in size)})")
+    return found
+
+
+def check_deterministic(model: nn.Module, device_type: str, arch: str = "") -> None:
+    """--deterministic on CUDA: fail before training, naming the layer, rather than at the first backward."""
+    layers = nondeterministic_on_cuda(model) if device_type == "cuda" else []
+    if layers:
+        raise ValueError(
+            f"--deterministic on CUDA: {arch or type(model).__name__} has no deterministic backward for "
+            f"{', '.join(layers)}; drop --deterministic, or train on CPU, or use a model that pools to 1x1 (resnet...)"
+        )
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model under DistributedDataParallel and torch.compile wrappers."""
     while True:

@@ -119,6 +119,9 @@ class ModelEma:
     The decay ramps up as min(decay, (1 + t) / (10 + t)) so the average is useful in short
     runs too (it would otherwise stay close to the random init for 1 / (1 - decay) steps).
     Float parameters and buffers are averaged; integer buffers (BN's step count) copied.
+    The tensor lists are taken once (parameters and buffers are updated in place, also by
+    load_state_dict), and the average is one torch._foreach_lerp_ over all of them: a few
+    kernel launches a step instead of two per tensor (about 640 for ResNet-50).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -126,18 +129,30 @@ class ModelEma:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.updates = decay, 0
+        self._lists: tuple[nn.Module, list, list, list, list] | None = None
+
+    def _tensors(self, model: nn.Module) -> tuple[list, list, list, list]:
+        if self._lists is None or self._lists[0] is not model:
+            src, ema = model.state_dict(keep_vars=True), self.module.state_dict(keep_vars=True)
+            floats = [k for k, t in ema.items() if t.is_floating_point()]
+            others = [k for k, t in ema.items() if not t.is_floating_point()]
+            self._lists = (
+                model,
+                [ema[k].detach() for k in floats],
+                [src[k].detach() for k in floats],
+                [ema[k].detach() for k in others],
+                [src[k].detach() for k in others],
+            )
+        return self._lists[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        src = model.state_dict()
-        for name, ema_t in self.module.state_dict().items():
-            t = src[name].detach()
-            if ema_t.is_floating_point():
-                ema_t.mul_(d).add_(t.to(ema_t.dtype), alpha=1 - d)
-            else:
-                ema_t.copy_(t)
+        ema_f, src_f, ema_i, src_i = self._tensors(model)
+        torch._foreach_lerp_(ema_f, src_f, 1 - d)  # ema + (1 - d) * (src - ema) = d * ema + (1 - d) * src
+        if ema_i:
+            torch._foreach_copy_(ema_i, src_i)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

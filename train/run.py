@@ -9,9 +9,11 @@ checkpoints -> summary.json.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
-from train.models import CollapseError, build_model, check_collapse, uses_small_stem
+from train.models import CollapseError, build_model, check_collapse, check_deterministic, uses_small_stem
 from train.overfit import TooFewBatches, run_overfit
 from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
 from train.report import Reporter
@@ -39,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    d = distributed.setup()
+    try:
+        d = distributed.setup()
+    except distributed.TooManyRanks as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if cfg.overfit_batches:
             return overfit(cfg, d)
@@ -121,6 +127,11 @@ def make_model(cfg: Config, d: distributed.Dist, num_classes: int) -> nn.Module:
         raise SetupError(str(e)) from None
     except (TypeError, ValueError) as e:
         raise SetupError(f"cannot build --arch {cfg.arch}: {e}") from None
+    if cfg.deterministic:
+        try:
+            check_deterministic(model, d.device.type, cfg.arch)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
     if cfg.sync_bn and d.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -147,213 +158,233 @@ def seed_everything(cfg: Config) -> None:
 # -- training -----------------------------------------------------------------------------------
 
 
-def train(cfg: Config, d: distributed.Dist) -> int:
-    t_start = time.time()
-    seed_everything(cfg)
-    reporter = Reporter(cfg.output, active=d.is_main, progress=cfg.progress)
-    micro = cfg.batch_size // cfg.accum_steps
-    train_loader, val_loader = make_loaders(cfg, d, micro)
-    num_classes, classes = num_classes_of(cfg, train_loader, val_loader)
-    model = make_model(cfg, d, num_classes)
-    amp = resolve_amp(cfg.amp, d.device)
+@dataclass
+class Recipe:
+    """What turns gradients into progress, built once from the config."""
 
-    batches = len(train_loader)
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEma | None
+    mixing: MixupCutmix
+    global_batch: int
+    peak_lr: float
+
+
+def make_recipe(cfg: Config, d: distributed.Dist, model: nn.Module, num_classes: int, batches: int, amp: str) -> Recipe:
     steps_per_epoch = -(-batches // cfg.accum_steps)
     global_batch = cfg.batch_size * d.world_size
     peak = peak_lr(cfg.lr, global_batch)
-    optimizer = make_optimizer(model, cfg.optimizer, peak, cfg.wd, cfg.momentum, cfg.nesterov)
-    schedule = WarmupCosine(peak, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch), cfg.min_lr)
-    scaler = torch.amp.GradScaler(d.device.type) if amp == "fp16" else None
-    ema = ModelEma(model, cfg.ema) if cfg.ema > 0 else None
-    mixing = MixupCutmix(cfg.mixup, cfg.cutmix, num_classes, seed=cfg.seed * 1000 + d.rank)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return Recipe(
+        optimizer=make_optimizer(model, cfg.optimizer, peak, cfg.wd, cfg.momentum, cfg.nesterov),
+        schedule=WarmupCosine(peak, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr),
+        scaler=torch.amp.GradScaler(d.device.type) if amp == "fp16" else None,
+        ema=ModelEma(model, cfg.ema) if cfg.ema > 0 else None,
+        mixing=MixupCutmix(cfg.mixup, cfg.cutmix, num_classes, seed=cfg.seed * 1000 + d.rank),
+        global_batch=global_batch,
+        peak_lr=peak,
+    )
 
-    state = EpochState()
-    history: list[dict] = []
-    best = float("-inf")
+
+def resume(
+    cfg: Config, d: distributed.Dist, parts: ckpt_io.Stateful, recipe: Recipe, num_classes: int, reporter: Reporter
+) -> tuple[EpochState, ckpt_io.Progress]:
+    """Continue from --resume, or from OUTPUT/checkpoints/last.pt (previous.pt) when there is one; else start afresh.
+
+    The same shape (processes, batch sizes) continues exactly; another continues the epoch in
+    progress and the schedule by samples seen (train/elastic.py).
+    """
     ckpt_dir = os.path.join(cfg.output, "checkpoints")
     last_path = os.path.join(ckpt_dir, ckpt_io.LAST)
-    resume_from = cfg.resume if cfg.resume not in (None, "auto") else None
-    if resume_from is None and not cfg.no_auto_resume and ckpt_io.has_checkpoint(ckpt_dir):
-        resume_from = last_path
-    samples_base = 0  # samples trained on in the epochs before state.epoch (all ranks): the schedule's clock
-    if resume_from:
-        ck, resume_from = _read_checkpoint(resume_from, last_path, reporter)
-        _check_compatible(ck, cfg, num_classes, d, batches)
-        samples_base = elastic.samples_before_epoch(ck)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"], ck.get("ema_updates", 0))
-        reshaped = not elastic.same_shape(ck, d.world_size, cfg.batch_size, micro)
-        mine = ck["ranks"][d.rank] if len(ck["ranks"]) == d.world_size and not reshaped else None
-        state = EpochState(ck["epoch"], ck["batches"], ck["global_step"])
-        if reshaped:  # another number of processes or batch size: continue the epoch (train/elastic.py)
-            state, change = elastic.resume(
-                ck, train_loader, rank=d.rank, world_size=d.world_size, global_batch=global_batch, peak=peak
-            )
-            reporter.log(change)
-        if mine is not None and state.batches > 0:
-            state.loss_sum, state.seen = mine["loss_sum"], mine["seen"]
-            state.seconds, state.wait_seconds, state.lr = mine["seconds"], mine["wait_seconds"], mine["lr"]
-            train_loader.load_state_dict(mine["loader"])
-        if mine is not None:
-            ckpt_io.set_rng_state(mine["rng"])
-            mixing.load_state_dict(mine["mixing"])
-        history, best = list(ck.get("history", [])), ck.get("best_val_top1", float("-inf"))
-        t_start -= ck.get("seconds", 0.0)
-        reporter.rewrite_metrics(history)
-        where = f"epoch {state.epoch}, batch {state.batches}/{batches}"
-        reporter.log(f"resumed from {resume_from} at {where}")
-    elif d.is_main and os.path.exists(reporter.metrics_path):
-        os.remove(reporter.metrics_path)  # a fresh run: no lines from an earlier one
+    path = cfg.resume if cfg.resume not in (None, "auto") else None
+    if path is None and not cfg.no_auto_resume and ckpt_io.has_checkpoint(ckpt_dir):
+        path = last_path
+    if not path:
+        if d.is_main and os.path.exists(reporter.metrics_path):
+            os.remove(reporter.metrics_path)  # a fresh run: no lines from an earlier one
+        return EpochState(), ckpt_io.Progress()
+    ck, path = _read_checkpoint(path, last_path, reporter)
+    batches = len(parts.loader)
+    _check_compatible(ck, cfg, num_classes, d, batches)
+    if elastic.same_shape(ck, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
+        state = ckpt_io.restore(ck, parts, d.rank, d.device)
+    else:  # another number of processes or batch size: continue the epoch (train/elastic.py)
+        ckpt_io.restore_weights(ck, parts)
+        state, change = elastic.resume(
+            ck,
+            parts.loader,
+            rank=d.rank,
+            world_size=d.world_size,
+            global_batch=recipe.global_batch,
+            peak=recipe.peak_lr,
+        )
+        reporter.log(change)
+    progress = ckpt_io.progress_of(ck)
+    reporter.rewrite_metrics(progress.history)
+    reporter.log(f"resumed from {path} at epoch {state.epoch}, batch {state.batches}/{batches}")
+    return state, progress
 
-    raw = model
+
+def wrap(cfg: Config, d: distributed.Dist, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(the model the trainer steps: compiled, then DDP; the model evaluation runs: compiled)."""
     if cfg.compile:
         model = torch.compile(model)
     eval_model = model
     if d.enabled:
         kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
         model = nn.parallel.DistributedDataParallel(model, **kw)
+    return model, eval_model
 
+
+def log_step(reporter: Reporter, every: int, st: EpochState, loss: torch.Tensor, group: int) -> None:
+    """Progress bar and step scalars; the loss is read from the device only on the steps that show it."""
+    due = st.global_step == 1 or st.global_step % every == 0
+    value = float(loss) if due else None
+    reporter.step(group, {"loss": f"{value:.3f}", "lr": f"{st.lr:.3g}"} if due else None)
+    if due:
+        reporter.scalars({"loss": value, "lr": st.lr}, st.global_step, "step")
+
+
+def train_one_epoch(
+    trainer: Trainer,
+    loader,
+    state: EpochState,
+    saver: ckpt_io.Checkpointer,
+    progress: ckpt_io.Progress,
+    reporter: Reporter,
+    cfg: Config,
+    d: distributed.Dist,
+) -> dict:
+    """Train to the end of state.epoch; its metrics line (validation fields still empty)."""
+    epoch = state.epoch
+    loader.set_epoch(epoch)  # keeps a resumed position within this epoch
+    reporter.start_epoch(epoch, len(loader), state.batches)
+    trainer.train_epoch(
+        loader,
+        state,
+        want_checkpoint=saver.due,
+        save_checkpoint=lambda: saver.save_last(state, progress),
+        on_step=functools.partial(log_step, reporter, cfg.log_every),
+    )
+    reporter.end_epoch()
+    loss_sum, seen, seconds, wait = distributed.all_reduce_sum(
+        [state.loss_sum, state.seen, state.seconds, state.wait_seconds], d
+    )
+    progress.samples_base += int(seen)  # the schedule's clock for the checkpoint at this epoch's end
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "val_top1": None,
+        "val_top5": None,
+        "val_loss": None,
+        "lr": state.lr,
+        "images_per_sec": seen / max(seconds / d.world_size, 1e-9),
+        "data_wait": wait / max(seconds, 1e-9),
+        "epoch_seconds": seconds / d.world_size,
+    }
+
+
+def validate(eval_model: nn.Module, raw: nn.Module, ema: ModelEma | None, val_loader, d, amp: str, cfg: Config) -> dict:
+    """One set of BN statistics on every rank, then the exact evaluation of the model (and its EMA)."""
+    distributed.average_buffers(raw, d)  # what every rank evaluates and saves
+    if ema is not None:
+        distributed.average_buffers(ema.module, d)
+    if val_loader is None:
+        return {}
+    v = evaluate(eval_model, val_loader, d, amp, cfg.channels_last)
+    out = {"val_top1": v["top1"], "val_top5": v["top5"], "val_loss": v["loss"]}
+    if ema is not None:
+        v = evaluate(ema.module, val_loader, d, amp, cfg.channels_last)
+        out.update(val_top1_ema=v["top1"], val_top5_ema=v["top5"])
+    return out
+
+
+def report_epoch(reporter: Reporter, line: dict) -> None:
+    reporter.append_metrics(line)
+    reporter.scalars({k: v for k, v in line.items() if k != "epoch" and v is not None}, line["epoch"], "epoch")
+    val = f", val top-1 {line['val_top1']:.2f}%, top-5 {line['val_top5']:.2f}%" if line["val_top1"] is not None else ""
+    reporter.log(
+        f"epoch {line['epoch']}: train_loss {line['train_loss']:.4f}{val}"
+        f", {line['images_per_sec']:.0f} img/s, data wait {100 * line['data_wait']:.1f}%"
+    )
+
+
+def train(cfg: Config, d: distributed.Dist) -> int:
+    t_start = time.time()
+    seed_everything(cfg)
+    reporter = Reporter(cfg.output, active=d.is_main, progress=cfg.progress)
+    train_loader, val_loader = make_loaders(cfg, d, cfg.batch_size // cfg.accum_steps)
+    num_classes, classes = num_classes_of(cfg, train_loader, val_loader)
+    model = make_model(cfg, d, num_classes)
+    amp = resolve_amp(cfg.amp, d.device)
+    recipe = make_recipe(cfg, d, model, num_classes, len(train_loader), amp)
+    parts = ckpt_io.Stateful(model, recipe.optimizer, recipe.scaler, recipe.ema, recipe.mixing, train_loader)
+    state, progress = resume(cfg, d, parts, recipe, num_classes, reporter)
+    train_model, eval_model = wrap(cfg, d, model)
     trainer = Trainer(
-        model=model,
-        optimizer=optimizer,
-        schedule=schedule,
+        model=train_model,
+        optimizer=recipe.optimizer,
+        schedule=recipe.schedule,
         criterion=make_loss(cfg.label_smoothing),
         dist=d,
         amp=amp,
         accum_steps=cfg.accum_steps,
         clip_grad=cfg.clip_grad,
-        scaler=scaler,
-        ema=ema,
-        mixing=mixing,
+        scaler=recipe.scaler,
+        ema=recipe.ema,
+        mixing=recipe.mixing,
         channels_last=cfg.channels_last,
-        raw_model=raw,
+        raw_model=model,
         on_first_batch=reporter.image_grid,
     )
-
-    def payload(seconds_so_far: float) -> dict | None:
-        rank_state = {
-            "loader": train_loader.state_dict(),
-            "rng": ckpt_io.rng_state(),
-            "mixing": mixing.state_dict(),
-            "loss_sum": state.loss_sum,
-            "seen": state.seen,
-            "seconds": state.seconds,
-            "wait_seconds": state.wait_seconds,
-            "lr": state.lr,
-        }
-        ranks = distributed.gather_objects(rank_state, d)
-        if not d.is_main:
-            return None
-        return {
-            "samples_seen": samples_base + sum(r["seen"] for r in ranks),
-            "samples_before_epoch": samples_base,
-            "model": raw.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "ema_updates": ema.updates if ema is not None else 0,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": state.epoch,
-            "batches": state.batches,
-            "global_step": state.global_step,
-            "ranks": ranks,
-            "history": history,
-            "best_val_top1": best,
-            "seconds": seconds_so_far,
-            "config": cfg.to_dict(),
-            "arch": cfg.arch,
-            "stem": "small" if uses_small_stem(cfg.stem, cfg.image_size) else "standard",
-            "image_size": cfg.image_size,
-            "num_classes": num_classes,
-            "classes": classes,
-            "world_size": d.world_size,
-        }
-
-    last_save = [time.monotonic()]
-
-    def save_last() -> None:
-        p = payload(time.time() - t_start)
-        if p is not None:
-            ckpt_io.save_atomic(p, last_path, keep_previous=True)
-        last_save[0] = time.monotonic()
-
-    def want_checkpoint() -> bool:
-        return (
-            d.is_main and cfg.checkpoint_minutes > 0 and time.monotonic() - last_save[0] >= cfg.checkpoint_minutes * 60
-        )
-
-    def on_step(st: EpochState, loss: float, group: int) -> None:
-        due = st.global_step == 1 or st.global_step % cfg.log_every == 0
-        reporter.step(group, {"loss": f"{loss:.3f}", "lr": f"{st.lr:.3g}"} if due else None)
-        if due:
-            reporter.scalars({"loss": loss, "lr": st.lr}, st.global_step, "step")
-
+    stem = "small" if uses_small_stem(cfg.stem, cfg.image_size) else "standard"
+    meta = dict(config=cfg.to_dict(), arch=cfg.arch, stem=stem, image_size=cfg.image_size)
+    meta.update(num_classes=num_classes, classes=classes, world_size=d.world_size)
+    saver = ckpt_io.Checkpointer(
+        os.path.join(cfg.output, "checkpoints"), parts, d, meta, cfg.checkpoint_minutes, t_start - progress.seconds
+    )
     reporter.log(
         f"training {cfg.arch} ({num_classes} classes, {cfg.image_size} px) on {d.world_size} x {d.device.type}, "
-        f"loader {train_loader.backend_name}, global batch {global_batch}, peak lr {peak:.4g}, amp {amp}, "
-        f"{batches} batches/epoch; output {cfg.output}"
+        f"loader {train_loader.backend_name}, global batch {recipe.global_batch}, peak lr {recipe.peak_lr:.4g}, "
+        f"amp {amp}, {len(train_loader)} batches/epoch; output {cfg.output}"
     )
-    val = {}
     try:
         while state.epoch < cfg.epochs:
-            epoch = state.epoch
-            train_loader.set_epoch(epoch)  # keeps a resumed position within this epoch
-            reporter.start_epoch(epoch, len(train_loader), state.batches)
-            trainer.train_epoch(
-                train_loader, state, want_checkpoint=want_checkpoint, save_checkpoint=save_last, on_step=on_step
-            )
-            reporter.end_epoch()
-            loss_sum, seen, seconds, wait = distributed.all_reduce_sum(
-                [state.loss_sum, state.seen, state.seconds, state.wait_seconds], d
-            )
-            line = {
-                "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1),
-                "val_top1": None,
-                "val_top5": None,
-                "val_loss": None,
-                "lr": state.lr,
-                "images_per_sec": seen / max(seconds / d.world_size, 1e-9),
-                "data_wait": wait / max(seconds, 1e-9),
-                "epoch_seconds": seconds / d.world_size,
-            }
-            distributed.average_buffers(raw, d)  # one set of BN statistics: what every rank evaluates and saves
-            if ema is not None:
-                distributed.average_buffers(ema.module, d)
-            if val_loader is not None:
-                val = evaluate(eval_model, val_loader, d, amp, cfg.channels_last)
-                line.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
-                if ema is not None:
-                    v = evaluate(ema.module, val_loader, d, amp, cfg.channels_last)
-                    line.update(val_top1_ema=v["top1"], val_top5_ema=v["top5"])
-            samples_base += int(seen)
-            history.append(line)
-            reporter.append_metrics(line)
-            reporter.scalars({k: v for k, v in line.items() if k != "epoch" and v is not None}, epoch, "epoch")
-            reporter.log(
-                f"epoch {epoch}: train_loss {line['train_loss']:.4f}"
-                + (f", val top-1 {line['val_top1']:.2f}%, top-5 {line['val_top5']:.2f}%" if val else "")
-                + f", {line['images_per_sec']:.0f} img/s, data wait {100 * line['data_wait']:.1f}%"
-            )
-            improved = line["val_top1"] is not None and line["val_top1"] > best
+            line = train_one_epoch(trainer, train_loader, state, saver, progress, reporter, cfg, d)
+            line.update(validate(eval_model, model, recipe.ema, val_loader, d, amp, cfg))
+            progress.history.append(line)
+            report_epoch(reporter, line)
+            improved = line["val_top1"] is not None and line["val_top1"] > progress.best
             if improved:
-                best = line["val_top1"]
-            state.reset(epoch + 1)
-            save_last()
-            if improved and d.is_main:
-                ckpt_io.save_atomic(ckpt_io.load(last_path), os.path.join(ckpt_dir, ckpt_io.BEST))
+                progress.best = line["val_top1"]
+            state.reset(state.epoch + 1)
+            written = saver.save_last(state, progress)
+            if improved:
+                saver.save_best(written)  # the payload just written, not last.pt read back
     except NonFiniteLoss as e:
         reporter.close()
-        kept = f"; last good checkpoint: {last_path}" if os.path.exists(last_path) else " (no checkpoint written yet)"
-        raise NonFiniteLoss(f"{e}{kept}; try a lower --lr, --clip-grad or --amp bf16") from None
+        kept = f"; last good checkpoint: {saver.last_path}" if os.path.exists(saver.last_path) else ""
+        raise NonFiniteLoss(
+            f"{e}{kept or ' (no checkpoint written yet)'}; try a lower --lr, --clip-grad or --amp bf16"
+        ) from None
+    return finish(cfg, d, reporter, state, progress, saver.t_start, recipe.global_batch)
 
+
+def finish(
+    cfg: Config,
+    d: distributed.Dist,
+    reporter: Reporter,
+    state: EpochState,
+    progress: ckpt_io.Progress,
+    t_start: float,
+    global_batch: int,
+) -> int:
+    """summary.json, the hparams record and the last log line."""
     steps_per_rank = distributed.gather_objects(state.global_step, d)  # equal, or a rank would have hung
-    final = history[-1] if history else {}
+    final = progress.history[-1] if progress.history else {}
     summary = {
-        "best_val_top1": best if best != float("-inf") else None,
+        "best_val_top1": progress.best if progress.best != float("-inf") else None,
         "final_val_top1": final.get("val_top1"),
         "final_val_top5": final.get("val_top5"),
         "final_train_loss": final.get("train_loss"),
