@@ -18,16 +18,19 @@ beside the tar. fn.readers.webdataset then reads (paths = the tars of the runs, 
 those files, random_shuffle=False) precisely this rank's rows for the epoch; decoding,
 augmentation and the binary int64 label all stay in DALI's C++ threads. A resume writes the
 sub-indexes from the resumed batch on, so skipped samples are never read or decoded. The
-pipeline is rebuilt each epoch (milliseconds on CPU; the GPU decoder's memory hints keep
-the rebuild cheap there too) and the old one released, so host memory stays flat.
+train pipeline is rebuilt each epoch (milliseconds on CPU) and the old one released, so host
+memory stays flat; the eval pipeline, whose plan never changes, is built once and kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
@@ -38,12 +41,13 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from loaders import dali_crops, dali_plugin
-from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
+from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable, read_image_bytes
 from loaders.buffers import BufferPool
 from loaders.sharding import EpochPlan
 from loaders.spec import IMAGE_EXTS, Shard, is_url
 
 READER = "reader"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,11 +60,13 @@ class DaliOptions:
     # CPU train: shardline's one-pass resize + flip + normalize (loaders/dali_plugin.py) in place of
     # fn.resize + fn.crop_mirror_normalize; None: when the plugin builds here.
     fused_resize: bool | None = None
-    # nvJPEG / pinned buffer hints (NVIDIA's ResNet-50 DALI recipe): avoid reallocations on big images.
-    device_memory_padding: int = 211025920
-    host_memory_padding: int = 140544512
-    preallocate_width_hint: int = 5980
-    preallocate_height_hint: int = 6430
+    # nvJPEG / pinned buffer hints: avoid reallocations on big images. None (issue 14, item 3):
+    # scaled to the data by gpu_decoder_hints(), at most NVIDIA's ResNet-50 recipe values below,
+    # which preallocate about 1.6 GB of device and 2.1 GB of pinned memory at 8 threads.
+    device_memory_padding: int | None = None
+    host_memory_padding: int | None = None
+    preallocate_width_hint: int | None = None
+    preallocate_height_hint: int | None = None
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> DaliOptions:
@@ -79,6 +85,40 @@ class DaliOptions:
         for k, v in options.items():
             setattr(o, k, v)
         return o
+
+
+# NVIDIA's ResNet-50 DALI recipe: hints for ImageNet's largest photo (5980 x 6430).
+IMAGENET_HINTS = {
+    "device_memory_padding": 211025920,
+    "host_memory_padding": 140544512,
+    "preallocate_width_hint": 5980,
+    "preallocate_height_hint": 6430,
+}
+MIN_PADDING = 8 << 20  # nvJPEG's own defaults are 16 MB (device) and 8 MB (host)
+
+
+def gpu_decoder_hints(shards: list[Shard], opts: DaliOptions) -> dict:
+    """The mixed decoder's memory hints, scaled to the data (issue 14, item 3).
+
+    The data's size comes from the header of the largest image (in bytes) of the first shard,
+    one read: a good estimate for a shuffled set, and only a hint (a larger image makes nvJPEG
+    reallocate once, it does not fail). Paddings scale with the pixel count, never above the
+    ImageNet recipe's; options set explicitly win.
+    """
+    from PIL import Image
+
+    idx = shards[0].index()
+    with Image.open(io.BytesIO(read_image_bytes(shards[0], int(np.argmax(idx.image_size))))) as im:
+        w, h = im.size
+    ref_w, ref_h = IMAGENET_HINTS["preallocate_width_hint"], IMAGENET_HINTS["preallocate_height_hint"]
+    share = min(1.0, (w * h) / (ref_w * ref_h))
+    hints = {
+        "preallocate_width_hint": min(w, ref_w) if share < 1 else ref_w,
+        "preallocate_height_hint": min(h, ref_h) if share < 1 else ref_h,
+        "device_memory_padding": max(MIN_PADDING, int(IMAGENET_HINTS["device_memory_padding"] * share)),
+        "host_memory_padding": max(MIN_PADDING, int(IMAGENET_HINTS["host_memory_padding"] * share)),
+    }
+    return {k: getattr(opts, k) if getattr(opts, k) is not None else v for k, v in hints.items()}
 
 
 def eval_resize(jpegs, images, image_size: int):
@@ -112,7 +152,9 @@ def eval_resize(jpegs, images, image_size: int):
 
 
 @pipeline_def
-def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions, crops=None):
+def image_pipeline(
+    paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions, crops=None, hints=None
+):
     jpegs, labels = fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
@@ -124,13 +166,13 @@ def image_pipeline(paths, index_paths, *, train, image_size, gpu, out_dtype, lay
     )
     decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
     if gpu:
-        decoder.update(
-            hw_decoder_load=opts.hw_decoder_load,
-            device_memory_padding=opts.device_memory_padding,
-            host_memory_padding=opts.host_memory_padding,
-            preallocate_width_hint=opts.preallocate_width_hint,
-            preallocate_height_hint=opts.preallocate_height_hint,
-        )
+        decoder.update(hw_decoder_load=opts.hw_decoder_load, **(hints or {}))
+        if not train:
+            # Issue 14, item 2: the mixed decoder's default chroma upsampling differs from libjpeg's
+            # (CPU decoder, PIL) on 4:2:0 JPEGs; eval promises reference pixels, so it upsamples as they
+            # do. Train keeps nvJPEG's default (and the hardware decoder's speed): a random crop resized
+            # and flipped is no reference to match.
+            decoder.update(jpeg_fancy_upsampling=True)
     elif train:
         decoder.update(use_fast_idct=opts.use_fast_idct)  # eval keeps the accurate IDCT: reference pixels
     crop_pos = {}
@@ -212,6 +254,12 @@ class DaliBackend:
             raise RuntimeError("fused_resize=True, but shardline's DALI plugin could not be built (see the log)")
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
         self.pool = BufferPool()
+        # Issue 14, item 3: evaluation reads the same plan every time (epoch 0, from batch 0), so its
+        # pipeline is built once and kept: a GPU build re-creates the decoders, and DALI's memory
+        # pools never shrink. _kept = (plan key, pipeline), reused only after a complete pass.
+        self._kept: tuple[bytes, object] | None = None
+        self.hints = gpu_decoder_hints(shards, self.opts) if self.gpu else {}
+        self.builds: list[float] = []  # seconds each pipeline build took
 
     def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
         """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
@@ -250,23 +298,46 @@ class DaliBackend:
             layout="HWC" if self.channels_last else "CHW",
             opts=self.opts,
             crops=dali_crops.CropParams(plan, self.seed, epoch) if self.train else None,
+            hints=self.hints,
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,
             prefetch_queue_depth=self.opts.prefetch_queue_depth,
             seed=hash((self.seed, epoch, self.rank)) & 0x7FFFFFFF,
         )
+        t = time.perf_counter()
         pipe.build()
+        self.builds.append(time.perf_counter() - t)
+        log.info(
+            "built the DALI %s pipeline (%s) in %.2f s", "train" if self.train else "eval", self.device, self.builds[-1]
+        )
         return pipe
+
+    def _pipeline(self, plan: EpochPlan, epoch: int) -> tuple[object, bytes | None]:
+        """(a pipeline positioned at the plan's first row, the key to keep it under; None for train)."""
+        if self.train:
+            return self.build(plan, epoch), None
+        key = b"".join(a.tobytes() for a in (plan.shard, plan.sample, np.int64([epoch])))
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == key:
+            # The reader's epoch is exactly this plan, so after a complete pass the pipeline has
+            # wrapped around to its first batch (random_shuffle=False: the same order again).
+            return kept[1], key
+        del kept
+        return self.build(plan, epoch), key
 
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if plan.batches == 0:
             return
-        pipe = self.build(plan, epoch)
+        pipe, key = self._pipeline(plan, epoch)
+        # Issue 14, item 4: outputs on torch's current stream, not host-synchronous, so the CPU
+        # can run ahead of the GPU (to_torch copies on the same stream).
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        complete = False
         try:
             for b in range(plan.batches):
                 try:
-                    images, labels = pipe.run()
+                    images, labels = pipe.run(stream) if stream is not None else pipe.run()
                 except RuntimeError as e:
                     # DALI names neither sample nor key: find it among the batches in flight.
                     ahead = plan.from_batch(b)
@@ -288,9 +359,13 @@ class DaliBackend:
                 if self.dtype == torch.bfloat16:
                     x = x.to(torch.bfloat16)
                 yield x, to_torch(labels, self.device).view(-1)
+            complete = True
         finally:
+            if complete and key is not None:
+                self._kept = (key, pipe)
             del pipe
 
     def close(self) -> None:
+        self._kept = None
         with contextlib.suppress(OSError):
             shutil.rmtree(self._tmp)

@@ -168,6 +168,19 @@ class PlanBatches:
         return len(self.rows)
 
 
+# Issue 14, item 7: one (mean, 1/std) pair per device, made once; per batch they were two small
+# blocking host-to-device copies.
+_MEAN_INV_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_inv_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if device not in _MEAN_INV_STD:
+        mean = (torch.tensor(IMAGENET_MEAN, device=device) * 255).view(1, 3, 1, 1)
+        inv_std = (1 / (torch.tensor(IMAGENET_STD, device=device) * 255)).view(1, 3, 1, 1)
+        _MEAN_INV_STD[device] = mean, inv_std
+    return _MEAN_INV_STD[device]
+
+
 def normalize(
     batch: torch.Tensor, dtype: torch.dtype, channels_last: bool, pool: BufferPool | None = None
 ) -> torch.Tensor:
@@ -177,8 +190,7 @@ def normalize(
     `((x.float() - mean) / std).permute(...).contiguous()`, which matters when device="cpu".
     """
     n, h, w, _ = batch.shape
-    mean = (torch.tensor(IMAGENET_MEAN, device=batch.device) * 255).view(1, 3, 1, 1)
-    inv_std = (1 / (torch.tensor(IMAGENET_STD, device=batch.device) * 255)).view(1, 3, 1, 1)
+    mean, inv_std = _mean_inv_std(batch.device)
     shape = (n, h, w, 3) if channels_last else (n, 3, h, w)
     out = pool.empty(shape, torch.float32, batch.device) if pool else torch.empty(shape, device=batch.device)
     if channels_last:
