@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-build bench-loaders clean
+.PHONY: install demo test lint bench bench-build bench-loaders gpu-check clean
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ bench-loaders: install
 	$(BIN)/python -m loaders.bench --shards data/bench-shards --json
 
 bench: bench-build bench-loaders
+
+# The GPU proof kit (scripts/gpu_check.py): on a GPU machine with the project installed, on the torch
+# that machine has. No `install` prerequisite: installing would pull the pinned CPU torch over it.
+# `make gpu-check QUICK=1` is the ~3 minute mode. Writes runs/gpu-check/result.json.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python)
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data/demo runs .pytest_cache
