@@ -1,4 +1,4 @@
-# shardline: make demo | make test | make bench | make lint
+# shardline: make demo | make test | make bench | make lint | make gpu-check
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin

@@ -8,6 +8,7 @@
     checkpoint.py   atomic last.pt / best.pt, RNG states, resume
     report.py       progress bar, TensorBoard, metrics.jsonl, summary.json
     run.py          the run, top to bottom
+    throughput.py   `python -m train.throughput`: training steps/s from real against synthetic data
 
 train/ reads data only through loaders.make_loader (DESIGN.md section 6).
 """

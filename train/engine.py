@@ -136,13 +136,13 @@ class Trainer:
             state.wait_seconds += wait
             # The previous step's flags: long done on the device by now, so reading them costs no wait.
             checkpoint = self._settle(keep=1)
+            state.seconds += time.perf_counter() - t_step  # logging and checkpoints are not step time
+            if on_step is not None:
+                on_step(state, mean_loss, group)
             if checkpoint and state.batches < n:  # the epoch-end checkpoint follows anyway
                 self._settle(keep=0)  # this step too: a checkpoint never holds an unchecked step
                 state.loss_sum = self._loss_sum.item()
                 save_checkpoint()
-            if on_step is not None:
-                on_step(state, mean_loss, group)
-            state.seconds += time.perf_counter() - t_step
         t_end = time.perf_counter()
         self._settle(keep=0)
         state.loss_sum = self._loss_sum.item()  # waits for the last step: its time belongs to the epoch
