@@ -216,8 +216,9 @@ def test_amp_auto_is_bf16_on_this_gpu_when_it_has_it_natively():
 
 def test_checkpoint_and_exact_resume_on_the_gpu(shard_dir, tmp_path):
     # pytorch backend: its crops are seeded per sample, so a mid-epoch resume repeats them exactly.
+    # --stem small: no max-pool, whose CUDA backward is not on torch's list of deterministic kernels either way.
     common = ["--data", str(shard_dir), *SMALL, "--backend", "pytorch", "--workers", "2", "--epochs", "2",
-              "--warmup-epochs", "1", "--deterministic", "--amp", "bf16"]  # fmt: skip
+              "--warmup-epochs", "1", "--deterministic", "--amp", "bf16", "--stem", "small"]  # fmt: skip
     straight = tmp_path / "straight"
     run_train(*common, "--output", str(straight))
     killed = tmp_path / "killed"
@@ -256,7 +257,7 @@ def test_checkpoint_and_exact_resume_on_the_gpu(shard_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nccl_init_and_exact_distributed_eval_in_one_process(shard_dir, tmp_path):
+def test_nccl_init_and_exact_distributed_eval_in_one_process(shard_dir, tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from train import distributed
@@ -268,6 +269,8 @@ def test_nccl_init_and_exact_distributed_eval_in_one_process(shard_dir, tmp_path
         def enabled(self) -> bool:
             return True
 
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same kernels for both evaluations
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     dev = torch.device("cuda", torch.cuda.current_device())
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=dev)
@@ -281,8 +284,8 @@ def test_nccl_init_and_exact_distributed_eval_in_one_process(shard_dir, tmp_path
         model = build_model("resnet18", 4, stem="small", image_size=32).to(dev)
         distributed.average_buffers(model, d)
         ld = dali(shard_dir, "cuda", batch_size=5, image_size=32)
-        over_nccl = evaluate(model, ld, d, "bf16")
-        plain = evaluate(model, ld, distributed.Dist(device=dev), "bf16")
+        over_nccl = evaluate(model, ld, d, "none")
+        plain = evaluate(model, ld, distributed.Dist(device=dev), "none")
         assert over_nccl == plain and over_nccl["samples"] == 24  # every val sample once, padding left out
     finally:
         dist.destroy_process_group()
