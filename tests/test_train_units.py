@@ -30,7 +30,8 @@ NON_DEFAULTS = {
     "warmup_epochs": "1.5", "min_lr": "0.001", "label_smoothing": "0.2", "mixup": "0.4", "cutmix": "0.5",
     "ema": "0.99", "clip_grad": "2", "amp": "bf16", "channels_last": None, "compile": None,
     "preset": "cifar10-resnet18", "output": "runs/x", "no_auto_resume": None, "checkpoint_minutes": "3",
-    "deterministic": None, "seed": "9", "log_every": "7", "progress": "never",
+    "deterministic": None, "seed": "9", "log_every": "7", "progress": "never", "overfit_batches": "3",
+    "overfit_steps": "50",
 }  # fmt: skip
 NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn"}  # each tested by its own checks
 
