@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,10 +38,11 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from loaders import dali_plugin
-from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable
 from loaders.buffers import BufferPool
+from loaders.cache import EpochReads
+from loaders.common import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, ReadSpec, apply_options, find_undecodable
 from loaders.sharding import EpochPlan
-from loaders.spec import IMAGE_EXTS, Shard, is_url
+from loaders.spec import IMAGE_EXTS, is_url
 
 READER = "reader"
 
@@ -64,9 +65,6 @@ class DaliOptions:
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> DaliOptions:
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown dali backend options {sorted(unknown)}")
         cores = len(os.sched_getaffinity(0))
         if device.type == "cuda":
             # GPU decoding leaves the CPU threads little to do; share the cores between local GPUs.
@@ -76,9 +74,7 @@ class DaliOptions:
             o = cls(num_threads=cores, prefetch_queue_depth=2)
         if workers is not None:
             o.num_threads = workers
-        for k, v in options.items():
-            setattr(o, k, v)
-        return o
+        return apply_options(o, options, "dali")
 
 
 def eval_resize(jpegs, images, image_size: int):
@@ -183,30 +179,15 @@ def to_torch(tensor_list, device: torch.device, pool: BufferPool | None = None) 
 class DaliBackend:
     name = "dali"
 
-    def __init__(
-        self,
-        *,
-        shards: list[Shard],
-        batch_size: int,
-        train: bool,
-        device: torch.device,
-        seed: int,
-        rank: int,
-        workers: int | None,
-        image_size: int,
-        dtype: torch.dtype,
-        channels_last: bool,
-        options: dict,
-    ) -> None:
-        self.shards, self.batch_size, self.train, self.device = shards, batch_size, train, device
-        self.seed, self.rank, self.image_size = seed, rank, image_size
-        self.dtype, self.channels_last = dtype, channels_last
-        self.gpu = device.type == "cuda"
+    def __init__(self, spec: ReadSpec) -> None:
+        self.spec, self.shards, self.batch_size = spec, spec.shards, spec.batch_size
+        self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
+        self.gpu = self.device.type == "cuda"
         if self.gpu:
-            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", self.device_id)
-        self.opts = DaliOptions.from_machine(device, workers, options)
-        if self.gpu or not train:
+        self.opts = DaliOptions.from_machine(self.device, spec.workers, spec.options)
+        if self.gpu or not self.train:
             self.opts.fused_resize = False  # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize
         elif self.opts.fused_resize is None:
             self.opts.fused_resize = dali_plugin.load()
@@ -215,8 +196,13 @@ class DaliBackend:
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
         self.pool = BufferPool()
 
-    def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
-        """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
+    def write_subindexes(
+        self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """One v1.2 index per run of same-shard rows, listing those samples in plan order.
+
+        `local`: shard number -> the path of its cached copy (remote sets); else the shard's own path.
+        """
         for name in os.listdir(self._tmp):
             os.remove(os.path.join(self._tmp, name))
         paths, index_paths = [], []
@@ -224,7 +210,8 @@ class DaliBackend:
         for j, (shard_rows, sample_rows) in enumerate(
             zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)
         ):
-            shard = self.shards[int(shard_rows[0])]
+            s = int(shard_rows[0])
+            shard = self.shards[s]
             idx = shard.index()
             lines = [f"v1.2 {len(sample_rows)}"]
             for i in sample_rows.tolist():
@@ -235,27 +222,30 @@ class DaliBackend:
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
                 f.write("\n".join(lines) + "\n")
-            paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
+            if local is not None:
+                paths.append(local[s])
+            else:
+                paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
             index_paths.append(path)
         return paths, index_paths
 
-    def build(self, plan: EpochPlan, epoch: int):
-        paths, index_paths = self.write_subindexes(plan, epoch)
+    def build(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
+        paths, index_paths = self.write_subindexes(plan, epoch, local)
         half = self.dtype == torch.float16
         pipe = image_pipeline(
             paths,
             index_paths,
             train=self.train,
-            image_size=self.image_size,
+            image_size=self.spec.image_size,
             gpu=self.gpu,
             out_dtype=types.FLOAT16 if half else types.FLOAT,
-            layout="HWC" if self.channels_last else "CHW",
+            layout="HWC" if self.spec.channels_last else "CHW",
             opts=self.opts,
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,
             prefetch_queue_depth=self.opts.prefetch_queue_depth,
-            seed=hash((self.seed, epoch, self.rank)) & 0x7FFFFFFF,
+            seed=hash((self.spec.seed, epoch, self.spec.rank, *seed_key)) & 0x7FFFFFFF,
         )
         pipe.build()
         return pipe
@@ -263,34 +253,54 @@ class DaliBackend:
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if plan.batches == 0:
             return
-        pipe = self.build(plan, epoch)
+        cache = self.spec.cache
+        if cache is None:
+            yield from self._run(plan, epoch)
+            return
+        # A remote set: DALI's reader opens every file of a pipeline when it is built, so the epoch
+        # runs as a few pipelines in a row, each over shards the cache holds (and pins) meanwhile.
+        reads = EpochReads(cache, plan)
+        biggest = max(t.size for t in cache.tars)
+        max_runs = max(1, min(cache.in_flight, cache.limit // max(1, 2 * biggest)))
+        try:
+            for b0, b1 in reads.segments(plan.batches, max_runs):
+                local = dict(reads.need(b1 - 1))
+                part = plan.from_batch(b0)
+                rows = (b1 - b0) * self.batch_size
+                part = EpochPlan(part.shard[:rows], part.sample[:rows], part.valid[:rows], self.batch_size)
+                yield from self._run(part, epoch, local, seed_key=(b0,) if b0 else ())
+                reads.finished(b1 - 1)
+        finally:
+            reads.close()
+
+    def _run(
+        self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self.build(plan, epoch, local, seed_key)
         try:
             for b in range(plan.batches):
                 try:
                     images, labels = pipe.run()
                 except RuntimeError as e:
-                    # DALI names neither sample nor key: find it among the batches in flight.
-                    ahead = plan.from_batch(b)
-                    ahead = EpochPlan(
-                        *(
-                            a[: (self.opts.prefetch_queue_depth + 1) * self.batch_size]
-                            for a in (ahead.shard, ahead.sample, ahead.valid)
-                        ),
-                        self.batch_size,
-                    )
-                    err = find_undecodable(self.shards, ahead)
-                    if err is not None:
-                        raise err from e
-                    names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
-                    raise RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}") from e
+                    raise self._explain(e, plan.from_batch(b), local) from e
                 x = to_torch(images, self.device, self.pool)
-                if self.channels_last:
+                if self.spec.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels-last memory format
                 if self.dtype == torch.bfloat16:
                     x = x.to(torch.bfloat16)
                 yield x, to_torch(labels, self.device).view(-1)
         finally:
             del pipe
+
+    def _explain(self, e: RuntimeError, ahead: EpochPlan, local: dict[int, str] | None) -> Exception:
+        """DALI names neither sample nor key: find it among the batches in flight."""
+        n = (self.opts.prefetch_queue_depth + 1) * self.batch_size
+        ahead = EpochPlan(ahead.shard[:n], ahead.sample[:n], ahead.valid[:n], self.batch_size)
+        err = find_undecodable(self.shards, ahead, (local or {}).get)
+        if err is not None:
+            return err
+        names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
+        return RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}")
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

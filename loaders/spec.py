@@ -49,8 +49,10 @@ class SampleIndex:
 @dataclass
 class Shard:
     url: str
-    index_url: str
+    index_url: str  # a local copy's path once a remote set's index is cached (loaders/cache.py)
     samples: int
+    bytes: int | None = None  # from the manifest, when there is one
+    sha256: str | None = None
     _index: SampleIndex | None = field(default=None, repr=False)
 
     @property
@@ -112,6 +114,7 @@ def open_shards(spec, split: str = "train") -> tuple[list[Shard], dict | None]:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     refs, manifest = resolve_spec(spec, split=split)
+    recorded = {e["name"]: e for sp in (manifest or {}).get("splits", {}).values() for e in sp["shards"]}
     shards = []
     for r in refs:
         if r.index_url is None:
@@ -123,7 +126,8 @@ def open_shards(spec, split: str = "train") -> tuple[list[Shard], dict | None]:
                     samples = index_count(f.readline().decode(), r.index_url)
             except FileNotFoundError:
                 raise ManifestError(f"{r.index_url}: index missing (build shards with shardline)") from None
-        shards.append(Shard(r.url, r.index_url, samples))
+        rec = recorded.get(r.url.rsplit("/", 1)[-1], {})
+        shards.append(Shard(r.url, r.index_url, samples, rec.get("bytes"), rec.get("sha256")))
     if sum(s.samples for s in shards) == 0:
         raise ManifestError(f"{spec}: the shards hold no samples")
     return shards, manifest
