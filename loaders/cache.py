@@ -284,10 +284,18 @@ class ShardCache:
     def release(self, j: int) -> None:
         with self._mutex:
             ep = self._epoch
-            if j < ep.claimed and j not in ep.released:
-                ep.released.add(j)
-                self._unclaim(ep.sequence[j])
-                self._pump()
+            if j >= ep.claimed or j in ep.released:
+                return
+            ep.released.add(j)
+            self._unclaim(ep.sequence[j])
+            self._pump()
+        self._trim()
+
+    def _trim(self) -> None:
+        """Back under the limit once the reader lets go of shards it held past it."""
+        over = self.usage() - self.limit
+        if over > 0:
+            self._evict(over, None)
 
     def end_epoch(self) -> None:
         """Drop every claim the epoch still holds (at its end, or when the reader stopped early)."""
@@ -299,6 +307,8 @@ class ShardCache:
                     self._unclaim(ep.sequence[j])
             self._epoch = _Epoch([])
             self._changed.notify_all()
+        if not self._closed:
+            self._trim()
 
     def close(self) -> None:
         with self._mutex:
@@ -458,6 +468,9 @@ class ShardCache:
         try:
             self._preallocate(fd, local)
             self._unreserve(reservation)  # the .part now holds the room itself
+            used = self.usage()
+            with self._mutex:
+                self.stats.peak_bytes = max(self.stats.peak_bytes, used)
             for chunk in self._chunks(local):
                 sha.update(chunk)
                 try:
