@@ -10,11 +10,9 @@ from typing import Protocol
 import torch
 
 from loaders.cache import Remote, ShardCache, default_folder
-from loaders.common import DTYPES, DecodeError, ReadSpec
+from loaders.common import DTYPES, ReadSpec
 from loaders.sharding import EpochPlan, num_batches, plan_epoch
 from loaders.spec import Shard, is_url, open_shards
-
-__all__ = ["DecodeError", "Loader", "make_loader"]
 
 
 class Backend(Protocol):

@@ -18,7 +18,9 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream: str, failures: int = 0, latency: float = 0.0, deny: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, upstream: str, failures: int = 0, latency: float = 0.0, deny: dict[str, int] | None = None
+    ) -> None:
         self.upstream, self.failures_left = upstream.rstrip("/"), failures
         self.latency, self.deny = latency, deny or {}
         self.lock = threading.Lock()

@@ -127,7 +127,9 @@ def test_eviction_under_a_small_limit_keeps_the_order(local_set, s3, tmp_path, b
     on_disk = sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(".tar"))
     assert on_disk <= limit
     # the limit plus the shards in flight bounds what the folder ever held
-    assert st.peak_bytes <= limit + ld.cache.in_flight * max(sizes) + sum(p.stat().st_size for p in folder.glob("*.idx"))
+    assert st.peak_bytes <= limit + ld.cache.in_flight * max(sizes) + sum(
+        p.stat().st_size for p in folder.glob("*.idx")
+    )
     ld.close()
     ref.close()
 
@@ -176,7 +178,9 @@ def test_a_rebuilt_set_replaces_the_cached_copies(local_set, s3, tmp_path):
 
     from helpers import PhotoSource
 
-    build(PhotoSource(num_classes=24, copies=2, val_copies=1), str(rebuilt), Options(seed=9, shard_samples=3), workers=1)
+    build(
+        PhotoSource(num_classes=24, copies=2, val_copies=1), str(rebuilt), Options(seed=9, shard_samples=3), workers=1
+    )
     try:
         for p in rebuilt.iterdir():
             client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.name}")

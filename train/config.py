@@ -34,6 +34,8 @@ class Config:
     backend: str = "auto"
     workers: int = 4
     image_size: int = 224
+    cache_dir: str | None = None
+    cache_limit: str | None = None
     # model
     arch: str = "resnet50"
     stem: str = "auto"
@@ -172,6 +174,24 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         ),
     ),
     (("--workers",), "workers", dict(type=int, metavar="N", help="loader worker threads/processes per rank")),
+    (
+        ("--cache-dir",),
+        "cache_dir",
+        dict(
+            metavar="DIR",
+            help="remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, "
+            "shared by every rank on the machine; default $SHARDLINE_CACHE_DIR, else ~/.cache/shardline/shards/<hash>",
+        ),
+    ),
+    (
+        ("--cache-limit",),
+        "cache_limit",
+        dict(
+            metavar="SIZE",
+            help="most bytes the shard cache may hold, e.g. 200GB (bytes, or kB/MB/GB/TB, KiB..TiB); "
+            "default 80%% of the cache disk's free space; the whole set makes later epochs network-free",
+        ),
+    ),
     (
         ("--image-size",),
         "image_size",

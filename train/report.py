@@ -17,9 +17,11 @@ import tempfile
 
 import torch
 
+from loaders import IMAGENET_MEAN, IMAGENET_STD
+
 # The loader normalizes with the ImageNet mean/std (DESIGN.md section 6).
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
