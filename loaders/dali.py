@@ -43,6 +43,8 @@ from loaders.cache import EpochReads
 from loaders.common import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, ReadSpec, apply_options, find_undecodable
 from loaders.sharding import EpochPlan
 from loaders.spec import IMAGE_EXTS, is_url
+from shards import dali_index
+from shards.manifest import LABEL_DTYPE, LABEL_EXT
 
 READER = "reader"
 
@@ -212,16 +214,9 @@ class DaliBackend:
         ):
             s = int(shard_rows[0])
             shard = self.shards[s]
-            idx = shard.index()
-            lines = [f"v1.2 {len(sample_rows)}"]
-            for i in sample_rows.tolist():
-                ext = IMAGE_EXTS[idx.image_ext[i]]
-                lines.append(
-                    f"{ext} {idx.image_offset[i]} {idx.image_size[i]} s{i}.{ext} label {idx.label_offset[i]} 8 s{i}.label"
-                )
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
+                f.write(dali_index.subset_text(shard.index(), sample_rows.tolist(), IMAGE_EXTS, LABEL_EXT, np.dtype(LABEL_DTYPE).itemsize))
             if local is not None:
                 paths.append(local[s])
             else:
