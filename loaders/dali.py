@@ -216,7 +216,11 @@ class DaliBackend:
             shard = self.shards[s]
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
-                f.write(dali_index.subset_text(shard.index(), sample_rows.tolist(), IMAGE_EXTS, LABEL_EXT, np.dtype(LABEL_DTYPE).itemsize))
+                f.write(
+                    dali_index.subset_text(
+                        shard.index(), sample_rows.tolist(), IMAGE_EXTS, LABEL_EXT, np.dtype(LABEL_DTYPE).itemsize
+                    )
+                )
             if local is not None:
                 paths.append(local[s])
             else:
