@@ -269,6 +269,8 @@ class ShardCache:
         shard = ep.sequence[j]
         for _ in range(3):
             with self._mutex:
+                if ep is not self._epoch or self._closed:
+                    raise CacheError(f"{self.tars[shard].remote.url}: asked for after its epoch ended")
                 ep.demand = max(ep.demand, j + 1)
                 self._pump()
                 self._changed.notify_all()  # a prefetch waiting for room may now be the one awaited
@@ -343,7 +345,7 @@ class ShardCache:
             self._changed.notify_all()
 
     def _wait(self, job: Future, local: _Local) -> str:
-        start, reported = time.monotonic(), None
+        start, reported, got0 = time.monotonic(), None, self.stats.bytes_downloaded
         while True:
             try:
                 return job.result(timeout=1.0)
@@ -351,22 +353,20 @@ class ShardCache:
                 now = time.monotonic()
                 if self.verbose and (reported is None or now - reported >= 5.0):
                     reported = now
-                    self._report_wait(local, now - start)
+                    self._report_wait(local, now - start, self.stats.bytes_downloaded - got0)
 
-    def _report_wait(self, local: _Local, waited: float) -> None:
+    def _report_wait(self, local: _Local, waited: float, got: int) -> None:
         """One line while the reader waits (the first shards of a run): MB/s and ETA of what is in flight."""
         with self._mutex:
             progress = list(self._progress.values())
-            got = self.stats.bytes_downloaded
         done, total = sum(d for d, _ in progress), sum(t for _, t in progress)
-        rate = got / max(waited, 1e-3) / 1e6
-        eta = f"{(total - done) / 1e6 / rate:.0f} s" if rate > 0 else "?"
-        print(
-            f"shard cache: waiting for {local.remote.stem}: {done / 1e6:.0f} of {total / 1e6:.0f} MB of "
-            f"{len(progress)} shards in flight, {rate:.1f} MB/s, ETA {eta} (into {self.folder})",
-            file=sys.stderr,
-            flush=True,
-        )
+        if not progress:
+            what = "another process's download of it, or room in the cache"
+        else:
+            rate = got / max(waited, 1e-3) / 1e6
+            eta = f"{(total - done) / 1e6 / rate:.0f} s" if rate > 0 else "?"
+            what = f"{done / 1e6:.0f} of {total / 1e6:.0f} MB of {len(progress)} shards in flight, {rate:.1f} MB/s, ETA {eta}"
+        print(f"shard cache: waiting for {local.remote.stem} ({what}; into {self.folder})", file=sys.stderr, flush=True)
 
     # -- one file (pool threads) ------------------------------------------------------------------
     def _fetch_tar(self, shard: int) -> str:
@@ -675,6 +675,7 @@ class EpochReads:
 
     def __init__(self, cache: ShardCache, plan: EpochPlan) -> None:
         self.cache, self.batch_size = cache, plan.batch_size
+        self._lock = threading.Lock()  # need() may run in a thread that prepares the next pipeline
         self.run_shard, run_start = plan.runs()
         run_stop = np.append(run_start[1:], len(plan.shard))
         self.first_batch = run_start // plan.batch_size
@@ -686,16 +687,22 @@ class EpochReads:
 
     def need(self, batch: int) -> dict[int, str]:
         """Block until every run that starts by `batch` is local; shard -> local path of the held ones."""
-        while self._got < len(self.run_shard) and self.first_batch[self._got] <= batch:
-            self.paths[int(self.run_shard[self._got])] = self.cache.get(self._got)
-            self._got += 1
-        return self.paths
+        while True:
+            with self._lock:
+                j = self._got
+                if j >= len(self.run_shard) or self.first_batch[j] > batch:
+                    return dict(self.paths)
+            path = self.cache.get(j)  # not under the lock: finished() must not wait for a download
+            with self._lock:
+                self.paths[int(self.run_shard[j])] = path
+                self._got = j + 1
 
     def finished(self, batch: int) -> None:
         """Batches up to `batch` reached the consumer: release the runs that end by then."""
-        while self._done < self._got and self.last_batch[self._done] <= batch:
-            self.cache.release(self._done)
-            self._done += 1
+        with self._lock:
+            while self._done < self._got and self.last_batch[self._done] <= batch:
+                self.cache.release(self._done)
+                self._done += 1
 
     def close(self) -> None:
         self.cache.end_epoch()

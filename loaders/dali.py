@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,42 +253,72 @@ class DaliBackend:
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if plan.batches == 0:
             return
-        cache = self.spec.cache
-        if cache is None:
-            yield from self._run(plan, epoch)
+        if self.spec.cache is None:
+            yield from self._run(self._start(plan, epoch), plan)
             return
-        # A remote set: DALI's reader opens every file of a pipeline when it is built, so the epoch
-        # runs as a few pipelines in a row, each over shards the cache holds (and pins) meanwhile.
+        yield from self._cached_batches(plan, epoch, self.spec.cache)
+
+    def _cached_batches(self, plan: EpochPlan, epoch: int, cache) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A remote set: DALI's reader opens every file of a pipeline when it is built, so the epoch
+        runs as a chain of pipelines over a few shards each, which the cache holds (pinned) meanwhile.
+        The next one is built and started in a thread as soon as its shards are here, so switching
+        costs no idle time."""
         reads = EpochReads(cache, plan)
         biggest = max(t.size for t in cache.tars)
-        max_runs = max(1, min(cache.in_flight, cache.limit // max(1, 2 * biggest)))
+        segments = reads.segments(plan.batches, max(1, min(cache.in_flight, cache.limit // max(1, 2 * biggest))))
+
+        def prepare(k: int):
+            b0, b1 = segments[k]
+            local = reads.need(b1 - 1)
+            rows = slice(b0 * self.batch_size, b1 * self.batch_size)
+            part = EpochPlan(plan.shard[rows], plan.sample[rows], plan.valid[rows], self.batch_size)
+            return self._start(part, epoch, local, seed_key=(b0,) if b0 else ()), part, local
+
+        builder = ThreadPoolExecutor(1, thread_name_prefix="dali-next")
+        ahead = builder.submit(prepare, 0)
         try:
-            for b0, b1 in reads.segments(plan.batches, max_runs):
-                local = dict(reads.need(b1 - 1))
-                part = plan.from_batch(b0)
-                rows = (b1 - b0) * self.batch_size
-                part = EpochPlan(part.shard[:rows], part.sample[:rows], part.valid[:rows], self.batch_size)
-                yield from self._run(part, epoch, local, seed_key=(b0,) if b0 else ())
+            for k, (_, b1) in enumerate(segments):
+                pipe, part, local = ahead.result()
+                ahead = builder.submit(prepare, k + 1) if k + 1 < len(segments) else None
+                yield from self._run(pipe, part, local)
+                del pipe
                 reads.finished(b1 - 1)
         finally:
-            reads.close()
+            reads.close()  # first: a next pipeline still waiting for its shards then gives up
+            if ahead is not None:
+                with contextlib.suppress(Exception):
+                    ahead.result()  # an early stop: the next pipeline, built or not, goes with the epoch
+            builder.shutdown(wait=True)
+
+    def _start(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
+        """A built pipeline with its prefetch queue already filling (the first schedule_run queues
+        prefetch_queue_depth batches)."""
+        pipe = self.build(plan, epoch, local, seed_key)
+        pipe.schedule_run()
+        return pipe
 
     def _run(
-        self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()
+        self, pipe, plan: EpochPlan, local: dict[int, str] | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        pipe = self.build(plan, epoch, local, seed_key)
+        # schedule_run/outputs rather than run(): run() always queues one batch past the last,
+        # which the reader would read and decode for nothing.
+        scheduled = self.opts.prefetch_queue_depth
         try:
             for b in range(plan.batches):
                 try:
-                    images, labels = pipe.run()
+                    images, labels = pipe.outputs()
                 except RuntimeError as e:
                     raise self._explain(e, plan.from_batch(b), local) from e
                 x = to_torch(images, self.device, self.pool)
+                y = to_torch(labels, self.device).view(-1)
+                if scheduled < plan.batches:
+                    pipe.schedule_run()
+                    scheduled += 1
                 if self.spec.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels-last memory format
                 if self.dtype == torch.bfloat16:
                     x = x.to(torch.bfloat16)
-                yield x, to_torch(labels, self.device).view(-1)
+                yield x, y
         finally:
             del pipe
 

@@ -11,7 +11,8 @@ fresh spawned process: from the local folder, then from s3:// through a cache wh
 backend: images/s over all epochs, from make_loader to the last batch (the remote run
 therefore includes waiting for the first shards), and its ratio to local disk; bytes
 downloaded over the bytes the epochs read (every shard a rank's plan touches, whole, plus the
-indexes); the cache folder's peak size, sampled every 50 ms, against the limit. Last, two ranks
+indexes); the cache folder's peak size, sampled every 50 ms, against the limit; the CPU seconds
+the S3 side (moto and the proxy) spent meanwhile, on the same cores as the loader. Last, two ranks
 on one machine read one epoch into one fresh shared cache, and the proxy counts the GETs of
 each shard.
 """
@@ -128,6 +129,17 @@ def spawn(cfgs: list[dict]) -> list[dict]:
     return out
 
 
+def server_cpu(moto: subprocess.Popen) -> float:
+    """CPU seconds of the moto server and of this process (the proxy's threads) so far."""
+    import psutil
+
+    total = 0.0
+    for p in (psutil.Process(moto.pid), psutil.Process()):
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -200,17 +212,11 @@ def main() -> None:
                 for backend in args.backends.split(","):
                     base = spawn([dict(common, spec=str(local), backend=backend)])[0]
                     cache = Path(tmp, f"cache-{backend}")
-                    remote = spawn(
-                        [
-                            dict(
-                                common,
-                                spec=f"s3://{BUCKET}/{PREFIX}",
-                                backend=backend,
-                                cache_dir=str(cache),
-                                cache_limit=limit,
-                            )
-                        ]
-                    )[0]
+                    remote_cfg = dict(common, spec=f"s3://{BUCKET}/{PREFIX}", backend=backend, cache_dir=str(cache))
+                    cpu0 = server_cpu(moto)
+                    remote = spawn([dict(remote_cfg, cache_limit=limit)])[0]
+                    # the S3 side (moto + the latency proxy) runs on the same cores as the loader here
+                    remote["s3_server_cpu_s"] = round(server_cpu(moto) - cpu0, 1)
                     if "error" not in base and "error" not in remote:
                         remote["vs_local"] = round(remote["images_per_sec"] / base["images_per_sec"], 3)
                         remote["bytes_ratio"] = round(remote["bytes_downloaded"] / remote["bytes_needed"], 3)
