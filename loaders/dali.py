@@ -25,6 +25,7 @@ the rebuild cheap there too) and the old one released, so host memory stays flat
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ from shards import dali_index
 from shards.manifest import LABEL_DTYPE, LABEL_EXT
 
 READER = "reader"
+SEGMENT_BYTES = 256 << 20  # remote sets: bytes of shards one pipeline reads before the next takes over
 
 
 @dataclass
@@ -265,7 +267,10 @@ class DaliBackend:
         costs no idle time."""
         reads = EpochReads(cache, plan)
         biggest = max(t.size for t in cache.tars)
-        segments = reads.segments(plan.batches, max(1, min(cache.in_flight, cache.limit // max(1, 2 * biggest))))
+        # About SEGMENT_BYTES a pipeline (its build is then a small cost), and never more than half
+        # the limit: this pipeline's shards and the next one's are held at once.
+        runs = min(math.ceil(SEGMENT_BYTES / max(1, biggest)), cache.limit // max(1, 2 * biggest))
+        segments = reads.segments(plan.batches, max(1, runs))
 
         def prepare(k: int):
             b0, b1 = segments[k]
