@@ -192,8 +192,8 @@ def make_loader(
     of a folder-with-manifest SPEC (default "train" if train else "val"). options: backend knobs
     (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions field names). cache_dir,
     cache_limit: where remote (non-local) shards are cached whole and how many bytes the folder
-    may hold, as bytes or "200GB" (loaders/cache.py: default $SHARDLINE_CACHE_DIR, else
-    ~/.cache/shardline/shards/<hash of the set's URL>; default limit 80% of that disk's free space).
+    may hold, as bytes or "200GB" (loaders/cache.py: default ~/.cache/shardline/shards/<hash of the set's
+    URL>, $SHARDLINE_CACHE_DIR replacing ~/.cache/shardline; default limit 80% of that disk's free space).
     """
     dev = torch.device(device)
     if isinstance(dtype, str):

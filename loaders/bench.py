@@ -366,8 +366,8 @@ def split_backends(values: tuple[str, ...]) -> list[str]:
     "--cache-dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="Remote SPEC (s3://...): the shard cache folder (default $SHARDLINE_CACHE_DIR, else "
-    "~/.cache/shardline/shards/<hash>); the table is followed by bytes downloaded and the cache hit rate.",
+    help="Remote SPEC (s3://...): the shard cache folder (default ~/.cache/shardline/shards/<hash>, "
+    "$SHARDLINE_CACHE_DIR replacing ~/.cache/shardline); the table is followed by bytes downloaded and the cache hit rate.",
 )
 @click.option("--cache-limit", default=None, help="Remote SPEC: most bytes the shard cache may hold, e.g. 2GB.")
 @click.option("--json", "as_json", is_flag=True, help='End the output with one line {"results": [...]}.')

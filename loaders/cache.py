@@ -50,14 +50,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loaders.common import cache_root
 from loaders.sharding import EpochPlan
 from shards.retry import RetryPolicy, retry_call
 from shards.storage import Storage
 
 log = logging.getLogger("loaders.cache")
 
-CACHE_ENV = "SHARDLINE_CACHE_DIR"
-DEFAULT_ROOT = os.path.join("~", ".cache", "shardline", "shards")
 # The default limit: this share of the space the cache folder's file system has free (plus what
 # the cache already holds), so training never fills the disk it shares with checkpoints and logs.
 DEFAULT_FREE_SHARE = 0.8
@@ -94,11 +93,9 @@ def parse_size(value: int | str) -> int:
 
 
 def default_folder(root_url: str) -> str:
-    """$SHARDLINE_CACHE_DIR, else ~/.cache/shardline/shards/<hash of the set's root URL>."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
+    """<cache root>/shards/<hash of the set's root URL>; the root is $SHARDLINE_CACHE_DIR, else ~/.cache/shardline."""
     digest = hashlib.sha256(root_url.rstrip("/").encode()).hexdigest()[:16]
-    return os.path.join(os.path.expanduser(DEFAULT_ROOT), digest)
+    return str(cache_root() / "shards" / digest)
 
 
 def default_limit(folder: str, held: int) -> int:

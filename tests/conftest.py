@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 
 import pytest
-
-# Remote shard sets read by the tests cache into a temporary folder, not the user's ~/.cache
-# (loaders/cache.py); inherited by the subprocesses the tests start.
-os.environ.setdefault("SHARDLINE_CACHE_DIR", tempfile.mkdtemp(prefix="shardline-test-cache-"))
 
 
 @pytest.fixture(scope="session")

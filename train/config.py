@@ -180,7 +180,7 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
         dict(
             metavar="DIR",
             help="remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, "
-            "shared by every rank on the machine; default $SHARDLINE_CACHE_DIR, else ~/.cache/shardline/shards/<hash>",
+            "shared by every rank on the machine; default ~/.cache/shardline/shards/<hash of the set URL> ($SHARDLINE_CACHE_DIR replaces ~/.cache/shardline)",
         ),
     ),
     (
