@@ -468,6 +468,7 @@ class ShardCache:
             used = self.usage()
             with self._mutex:
                 self.stats.peak_bytes = max(self.stats.peak_bytes, used)
+                self._progress[local.name] = (0, local.size)
             for chunk in self._chunks(local):
                 sha.update(chunk)
                 try:

@@ -303,3 +303,25 @@ def test_a_full_cache_disk_fails_in_one_line_naming_the_folder(s3, tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_waiting_reader_sees_progress_with_rate_and_eta(local_set, s3, tmp_path, capfd):
+    m = json.loads((local_set / "manifest.json").read_text())
+    entry = m["splits"]["val"]["shards"][0]
+    with FaultyS3Proxy(s3, latency=1.5) as slow, endpoint(slow.url):  # the reader waits over a second
+        cache = ShardCache(
+            [Remote(f"{SPEC}/{entry['name']}", entry["bytes"], entry["sha256"])], [], str(tmp_path), verbose=True
+        )
+        cache.start_epoch([0])
+        cache.get(0)
+        cache.close()
+    err = capfd.readouterr().err
+    assert f"shard cache: waiting for {entry['name']}" in err and "MB/s, ETA" in err and "1 shards in flight" in err
+
+
+def test_train_takes_cache_dir_and_limit():
+    from train.config import parse
+
+    cfg = parse(["--data", SPEC, "--cache-dir", "/nvme/cache", "--cache-limit", "200GB"])
+    assert (cfg.cache_dir, cfg.cache_limit) == ("/nvme/cache", "200GB")
+    assert parse(["--data", SPEC]).cache_limit is None
