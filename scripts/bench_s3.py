@@ -12,7 +12,8 @@ backend: images/s over all epochs, from make_loader to the last batch (the remot
 therefore includes waiting for the first shards), and its ratio to local disk; bytes
 downloaded over the bytes the epochs read (every shard a rank's plan touches, whole, plus the
 indexes); the cache folder's peak size, sampled every 50 ms, against the limit; the CPU seconds
-the S3 side (moto and the proxy) spent meanwhile, on the same cores as the loader. Last, two ranks
+the S3 side (moto and the proxy) spent meanwhile, on the same cores as the loader (the loader
+processes run at nice 5, so that side is not starved as a remote store would not be). Last, two ranks
 on one machine read one epoch into one fresh shared cache, and the proxy counts the GETs of
 each shard.
 """
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from faulty_s3_proxy import FaultyS3Proxy
 
 BUCKET, PREFIX = "bench", "set"
+LOADER_NICE = 5
 
 
 def folder_bytes(folder: str) -> int:
@@ -52,7 +54,13 @@ def folder_bytes(folder: str) -> int:
 
 
 def read_epochs(cfg: dict, queue) -> None:
-    """One measurement in a spawned process: make_loader, then cfg["epochs"] epochs."""
+    """One measurement in a spawned process: make_loader, then cfg["epochs"] epochs.
+
+    At nice LOADER_NICE, local and s3 runs alike: the S3 side (moto and the proxy), which in
+    production is another machine, then gets the CPU it needs instead of waiting behind the
+    decoder threads on the same cores.
+    """
+    os.nice(LOADER_NICE)
     try:
         from loaders import make_loader
 
