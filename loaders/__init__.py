@@ -64,6 +64,11 @@ Contract (the trainer can rely on every point):
   Normalized with the ImageNet mean/std; dtype torch.float32 / float16 / bfloat16;
   channels_last=True gives channels-last memory format (shape stays N x 3 x H x W).
 - An image that cannot be decoded raises loaders.DecodeError naming the shard and sample key.
+- Remote shards (s3://, gs://, http(s)://, any fsspec URL) are read through a local shard cache
+  (loaders/cache.py; make_loader's cache_dir= and cache_limit=): whole shards are downloaded
+  ahead of use in plan order and checked against the manifest's sha256, every process on the
+  machine shares the folder, and the backends read only local files, so batches are the same
+  as from local disk. A shard that cannot be had raises loaders.CacheError, in one line.
 
 Backends: "dali" (NVIDIA DALI over fn.readers.webdataset: nvJPEG / hardware decoder on
 device="cuda", the same graph on CPU operators otherwise), "pytorch" (index-based reads,
@@ -74,6 +79,8 @@ Other attributes: loader.batch_size, loader.num_samples (whole split), loader.ep
 loader.backend_name, loader.progress, loader.plan() (this rank's rows for the epoch, for debugging).
 """
 
-from loaders.api import DecodeError, Loader, make_loader
+from loaders.api import Loader, make_loader
+from loaders.cache import CacheError
+from loaders.common import DTYPES, IMAGENET_MEAN, IMAGENET_STD, DecodeError
 
-__all__ = ["DecodeError", "Loader", "make_loader"]
+__all__ = ["DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "CacheError", "DecodeError", "Loader", "make_loader"]

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 from loaders import sharding
+from loaders.cache import Remote, ShardCache, default_folder
+from loaders.common import DTYPES, ReadSpec
 from loaders.sharding import EpochPlan, num_batches, plan_epoch
-from loaders.spec import Shard, open_binary, open_shards
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_RATIO = 0.875  # eval: resize shorter side to image_size / 0.875, center crop image_size
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class DecodeError(RuntimeError):
-    """An image in a shard could not be decoded; the message names the shard and the key."""
-
-    def __init__(self, shard: str, key: str | None = None, reason: str | None = None) -> None:
-        # One-argument form: DataLoader re-raises a worker's exception as type(e)(message).
-        msg = shard if key is None else f"cannot decode sample {key!r} in shard {shard}: {reason}"
-        super().__init__(msg)
-        self.shard, self.key, self.reason = shard, key, reason
+from loaders.spec import Shard, is_url, open_shards
 
 
 class Backend(Protocol):
@@ -39,30 +26,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def read_image_bytes(shard: Shard, sample: int) -> bytes:
-    idx = shard.index()
-    with open_binary(shard.url) as f:
-        f.seek(int(idx.image_offset[sample]))
-        return f.read(int(idx.image_size[sample]))
-
-
-def find_undecodable(shards: list[Shard], plan: EpochPlan) -> DecodeError | None:
-    """Decode the plan's rows with PIL until one fails (used to name the sample after a DALI error)."""
-    from PIL import Image
-
-    seen = set()
-    for s, i in zip(plan.shard.tolist(), plan.sample.tolist(), strict=True):
-        if (s, i) in seen:
-            continue
-        seen.add((s, i))
-        try:
-            with Image.open(io.BytesIO(read_image_bytes(shards[s], i))) as im:
-                im.load()
-        except Exception as e:
-            return DecodeError(shards[s].url, shards[s].key(i), f"{type(e).__name__}: {e}")
-    return None
-
-
 class Loader:
     """Batches of (images, labels) for one rank; see the package docstring for the contract."""
 
@@ -72,6 +35,7 @@ class Loader:
         manifest: dict | None,
         backend: Backend,
         *,
+        cache: ShardCache | None = None,
         batch_size: int,
         train: bool,
         device: torch.device,
@@ -80,7 +44,7 @@ class Loader:
         seed: int,
         drop_last: bool,
     ) -> None:
-        self.shards, self.manifest, self.backend = shards, manifest, backend
+        self.shards, self.manifest, self.backend, self.cache = shards, manifest, backend, cache
         self.batch_size, self.train, self.device = batch_size, train, device
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.counts = [s.samples for s in shards]
@@ -225,6 +189,8 @@ class Loader:
 
     def close(self) -> None:
         self.backend.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -260,6 +226,8 @@ def make_loader(
     drop_last: bool | None = None,
     split: str | None = None,
     options: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | str | None = None,
 ) -> Loader:
     """Build a Loader over SPEC `shards` (brace pattern, list, folder with manifest.json, s3:// URLs).
 
@@ -271,7 +239,10 @@ def make_loader(
     the machine). dtype: float32, float16 or bfloat16. channels_last: channels-last memory
     format. drop_last: default True for train, False for eval (pad and flag). split: which split
     of a folder-with-manifest SPEC (default "train" if train else "val"). options: backend knobs
-    (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions field names).
+    (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions field names). cache_dir,
+    cache_limit: where remote (non-local) shards are cached whole and how many bytes the folder
+    may hold, as bytes or "200GB" (loaders/cache.py: default ~/.cache/shardline/shards/<hash of the set's
+    URL>, $SHARDLINE_CACHE_DIR replacing ~/.cache/shardline; default limit 80% of that disk's free space).
     """
     dev = torch.device(device)
     if isinstance(dtype, str):
@@ -288,7 +259,8 @@ def make_loader(
     shard_list, manifest = open_shards(shards, split=split)
     drop_last = train if drop_last is None else drop_last
     name = _pick_backend(backend)
-    common = dict(
+    cache = open_cache(shard_list, cache_dir, cache_limit, verbose=rank == 0)
+    spec = ReadSpec(
         shards=shard_list,
         batch_size=batch_size,
         train=train,
@@ -300,19 +272,26 @@ def make_loader(
         dtype=dtype,
         channels_last=channels_last,
         options=options or {},
+        cache=cache,
     )
-    if name == "dali":
-        from loaders.dali import DaliBackend
+    try:
+        if name == "dali":
+            from loaders.dali import DaliBackend
 
-        impl: Backend = DaliBackend(**common)
-    else:
-        from loaders.pytorch import TorchBackend
+            impl: Backend = DaliBackend(spec)
+        else:
+            from loaders.pytorch import TorchBackend
 
-        impl = TorchBackend(**common)
+            impl = TorchBackend(spec)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     return Loader(
         shard_list,
         manifest,
         impl,
+        cache=cache,
         batch_size=batch_size,
         train=train,
         device=dev,
@@ -321,3 +300,27 @@ def make_loader(
         seed=seed,
         drop_last=drop_last,
     )
+
+
+def open_cache(
+    shards: list[Shard], folder: str | os.PathLike | None, limit: int | str | None, *, verbose: bool
+) -> ShardCache | None:
+    """A shard cache for a remote set (None for local shards); each shard's index then reads from it."""
+    if not any(is_url(s.url) for s in shards):
+        return None  # local shards are read in place
+    root = shards[0].url.rsplit("/", 1)[0]
+    folder = os.fspath(folder) if folder is not None else default_folder(root)
+    cache = ShardCache(
+        [Remote(s.url, s.bytes, s.sha256) for s in shards],
+        [Remote(s.index_url, None, None) for s in shards],
+        folder,
+        limit,
+        verbose=verbose,
+    )
+    try:
+        for s, path in zip(shards, cache.fetch_indexes(), strict=True):
+            s.index_url = path
+    except BaseException:
+        cache.close()
+        raise
+    return cache

@@ -103,9 +103,13 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
             split=cfg["split"],
             dtype=cfg["dtype"],
             options=cfg["options"].get(kind, {}),
+            cache_dir=cfg.get("cache_dir"),
+            cache_limit=cfg.get("cache_limit"),
         )
         if info is not None and kind == "dali":
             info["fused_resize"] = bool(loader.backend.opts.fused_resize)  # shardline's plugin, or DALI's resize
+        if info is not None and loader.cache is not None:
+            info["cache"] = loader.cache.stats  # read when the measurement ends
         epoch = 0
         while True:
             loader.set_epoch(epoch)
@@ -115,7 +119,7 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
         from torch.utils.data import DataLoader
         from torchvision import datasets, transforms
 
-        from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+        from loaders.common import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 
         size = cfg["image_size"]
         if cfg["eval"]:
@@ -137,9 +141,10 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
             for images, labels in dl:
                 yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     elif kind == "synthetic":
+        from loaders.common import DTYPES
         from loaders.pytorch import normalize
 
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+        dtype = DTYPES[cfg["dtype"]]
         s = cfg["image_size"]
         raw = torch.randint(0, 256, (cfg["batch_size"], s, s, 3), dtype=torch.uint8, device=device)
         labels = torch.zeros(cfg["batch_size"], dtype=torch.int64, device=device)
@@ -172,6 +177,14 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 lat.append(now - last)
                 last, images = now, images + x.shape[0]
             wall, cpu = last - t0, mon.cpu_seconds() - cpu0
+        cache = info.pop("cache", None)
+        if cache is not None:  # whole run, warm-up included: the first shards arrive then
+            info.update(
+                cache_bytes_downloaded=cache.bytes_downloaded,
+                cache_bytes_served=cache.bytes_served,
+                cache_hit_rate=round(cache.hit_rate, 3),
+                cache_peak_mb=round(cache.peak_bytes / 1e6, 1),
+            )
         queue.put(
             {
                 "backend": kind,
@@ -260,6 +273,13 @@ def print_table(results: list[dict], title: str) -> None:
             str(r["peak_pss_mb"]),
         )
     Console(width=160).print(table)
+    for r in results:
+        if "cache_bytes_downloaded" in r:
+            print(
+                f"{r['backend']}: shard cache downloaded {r['cache_bytes_downloaded'] / 1e6:.1f} MB for "
+                f"{r['cache_bytes_served'] / 1e6:.1f} MB read, hit rate {r['cache_hit_rate']:.0%}, "
+                f"folder peak {r['cache_peak_mb']:.0f} MB"
+            )
 
 
 def parse_options(values: tuple[str, ...]) -> dict[str, dict]:
@@ -342,6 +362,14 @@ def split_backends(values: tuple[str, ...]) -> list[str]:
     help="A backend knob (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions), e.g. dali.antialias=true; "
     "repeatable.",
 )
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Remote SPEC (s3://...): the shard cache folder (default ~/.cache/shardline/shards/<hash>, "
+    "$SHARDLINE_CACHE_DIR replacing ~/.cache/shardline); the table is followed by bytes downloaded and the cache hit rate.",
+)
+@click.option("--cache-limit", default=None, help="Remote SPEC: most bytes the shard cache may hold, e.g. 2GB.")
 @click.option("--json", "as_json", is_flag=True, help='End the output with one line {"results": [...]}.')
 def main(
     spec,
@@ -361,6 +389,8 @@ def main(
     copies,
     shard_samples,
     backend_options,
+    cache_dir,
+    cache_limit,
     as_json,
 ) -> None:
     """Measure loader throughput: the chosen backends, the ImageFolder baseline, optionally the synthetic ceiling."""
@@ -385,6 +415,8 @@ def main(
         dtype=dtype,
         eval=eval_,
         options=parse_options(backend_options),
+        cache_dir=cache_dir,
+        cache_limit=cache_limit,
     )
     tmp = None
     if not no_baseline:

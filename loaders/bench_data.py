@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from loaders.spec import open_binary, open_shards
+from loaders.spec import IMAGE_EXTS, open_binary, open_shards
 from shards.build import build
 from shards.types import ClassInfo, Item, Options, Quarantined
 
@@ -63,18 +63,14 @@ def extract_imagefolder(spec: str, split: str, dest: str | os.PathLike) -> int:
     shards, _ = open_shards(spec, split=split)
     n = 0
     for shard in tqdm(shards, desc="extract ImageFolder", unit="shard"):
-        idx = shard.index()
-        lines = None
+        idx, keys = shard.index(), shard.keys()
         with open_binary(shard.url) as f:
             for i in range(len(idx)):
                 f.seek(int(idx.label_offset[i]))
                 label = int.from_bytes(f.read(8), "little", signed=True)
                 f.seek(int(idx.image_offset[i]))
                 data = f.read(int(idx.image_size[i]))
-                if lines is None:
-                    with open_binary(shard.index_url) as fi:
-                        lines = fi.read().decode().splitlines()[1:]
-                name = lines[i].split()[3]  # the image member's name: <key>.<ext>
+                name = f"{keys[i]}.{IMAGE_EXTS[idx.image_ext[i]]}"
                 folder = Path(dest) / f"{label:05d}"
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / name).write_bytes(data)

@@ -19,7 +19,9 @@ those files, random_shuffle=False) precisely this rank's rows for the epoch; dec
 augmentation and the binary int64 label all stay in DALI's C++ threads. A resume writes the
 sub-indexes from the resumed batch on, so skipped samples are never read or decoded. The
 train pipeline is rebuilt each epoch (milliseconds on CPU) and the old one released, so host
-memory stays flat; the eval pipeline, whose plan never changes, is built once and kept.
+memory stays flat; the eval pipeline of a local set, whose plan never changes, is built once
+and kept. A remote set runs each epoch as a chain of pipelines over the shards the cache holds
+(DaliBackend._cached_batches).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,12 +45,24 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from loaders import dali_crops, dali_plugin
-from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, find_undecodable, read_image_bytes
 from loaders.buffers import BufferPool
+from loaders.cache import EpochReads
+from loaders.common import (
+    EVAL_CROP_RATIO,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ReadSpec,
+    apply_options,
+    find_undecodable,
+    read_image_bytes,
+)
 from loaders.sharding import EpochPlan
 from loaders.spec import IMAGE_EXTS, Shard, is_url
+from shards import dali_index
+from shards.manifest import LABEL_DTYPE, LABEL_EXT
 
 READER = "reader"
+SEGMENT_BYTES = 256 << 20  # remote sets: bytes of shards one pipeline reads before the next takes over
 log = logging.getLogger(__name__)
 
 
@@ -70,9 +86,6 @@ class DaliOptions:
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> DaliOptions:
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown dali backend options {sorted(unknown)}")
         cores = len(os.sched_getaffinity(0))
         if device.type == "cuda":
             # GPU decoding leaves the CPU threads little to do; share the cores between local GPUs.
@@ -82,9 +95,7 @@ class DaliOptions:
             o = cls(num_threads=cores, prefetch_queue_depth=2)
         if workers is not None:
             o.num_threads = workers
-        for k, v in options.items():
-            setattr(o, k, v)
-        return o
+        return apply_options(o, options, "dali")
 
 
 # NVIDIA's ResNet-50 DALI recipe: hints for ImageNet's largest photo (5980 x 6430).
@@ -97,19 +108,23 @@ IMAGENET_HINTS = {
 MIN_PADDING = 8 << 20  # nvJPEG's own defaults are 16 MB (device) and 8 MB (host)
 
 
-def gpu_decoder_hints(shards: list[Shard], opts: DaliOptions) -> dict:
+def gpu_decoder_hints(shards: list[Shard], opts: DaliOptions, remote: bool = False) -> dict:
     """The mixed decoder's memory hints, scaled to the data (issue 14, item 3).
 
     The data's size comes from the header of the largest image (in bytes) of the first shard,
     one read: a good estimate for a shuffled set, and only a hint (a larger image makes nvJPEG
     reallocate once, it does not fail). Paddings scale with the pixel count, never above the
-    ImageNet recipe's; options set explicitly win.
+    ImageNet recipe's; options set explicitly win. A remote set keeps the recipe's values: no
+    request may bypass the shard cache, and its first shard may not be here yet.
     """
     from PIL import Image
 
-    idx = shards[0].index()
-    with Image.open(io.BytesIO(read_image_bytes(shards[0], int(np.argmax(idx.image_size))))) as im:
-        w, h = im.size
+    if remote:
+        w, h = IMAGENET_HINTS["preallocate_width_hint"], IMAGENET_HINTS["preallocate_height_hint"]
+    else:
+        idx = shards[0].index()
+        with Image.open(io.BytesIO(read_image_bytes(shards[0], int(np.argmax(idx.image_size))))) as im:
+            w, h = im.size
     ref_w, ref_h = IMAGENET_HINTS["preallocate_width_hint"], IMAGENET_HINTS["preallocate_height_hint"]
     share = min(1.0, (w * h) / (ref_w * ref_h))
     hints = {
@@ -223,30 +238,15 @@ def to_torch(tensor_list, device: torch.device, pool: BufferPool | None = None) 
 class DaliBackend:
     name = "dali"
 
-    def __init__(
-        self,
-        *,
-        shards: list[Shard],
-        batch_size: int,
-        train: bool,
-        device: torch.device,
-        seed: int,
-        rank: int,
-        workers: int | None,
-        image_size: int,
-        dtype: torch.dtype,
-        channels_last: bool,
-        options: dict,
-    ) -> None:
-        self.shards, self.batch_size, self.train, self.device = shards, batch_size, train, device
-        self.seed, self.rank, self.image_size = seed, rank, image_size
-        self.dtype, self.channels_last = dtype, channels_last
-        self.gpu = device.type == "cuda"
+    def __init__(self, spec: ReadSpec) -> None:
+        self.spec, self.shards, self.batch_size = spec, spec.shards, spec.batch_size
+        self.train, self.device, self.dtype = spec.train, spec.device, spec.dtype
+        self.gpu = self.device.type == "cuda"
         if self.gpu:
-            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", self.device_id)
-        self.opts = DaliOptions.from_machine(device, workers, options)
-        if self.gpu or not train:
+        self.opts = DaliOptions.from_machine(self.device, spec.workers, spec.options)
+        if self.gpu or not self.train:
             self.opts.fused_resize = False  # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize
         elif self.opts.fused_resize is None:
             self.opts.fused_resize = dali_plugin.load()
@@ -254,15 +254,20 @@ class DaliBackend:
             raise RuntimeError("fused_resize=True, but shardline's DALI plugin could not be built (see the log)")
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
         self.pool = BufferPool()
-        # Issue 14, item 3: evaluation reads the same plan every time (epoch 0, from batch 0), so its
-        # pipeline is built once and kept: a GPU build re-creates the decoders, and DALI's memory
-        # pools never shrink. _kept = (plan key, pipeline), reused only after a complete pass.
+        # Issue 14, item 3: evaluation of a local set reads the same plan every time (epoch 0, from
+        # batch 0), so its pipeline is built once and kept: a GPU build re-creates the decoders, and
+        # DALI's memory pools never shrink. _kept = (plan key, pipeline), reused after a complete pass.
         self._kept: tuple[bytes, object] | None = None
-        self.hints = gpu_decoder_hints(shards, self.opts) if self.gpu else {}
+        self.hints = gpu_decoder_hints(self.shards, self.opts, remote=spec.cache is not None) if self.gpu else {}
         self.builds: list[float] = []  # seconds each pipeline build took
 
-    def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
-        """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
+    def write_subindexes(
+        self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """One v1.2 index per run of same-shard rows, listing those samples in plan order.
+
+        `local`: shard number -> the path of its cached copy (remote sets); else the shard's own path.
+        """
         for name in os.listdir(self._tmp):
             os.remove(os.path.join(self._tmp, name))
         paths, index_paths = [], []
@@ -270,40 +275,41 @@ class DaliBackend:
         for j, (shard_rows, sample_rows) in enumerate(
             zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)
         ):
-            shard = self.shards[int(shard_rows[0])]
-            idx = shard.index()
-            lines = [f"v1.2 {len(sample_rows)}"]
-            for i in sample_rows.tolist():
-                ext = IMAGE_EXTS[idx.image_ext[i]]
-                lines.append(
-                    f"{ext} {idx.image_offset[i]} {idx.image_size[i]} s{i}.{ext} label {idx.label_offset[i]} 8 s{i}.label"
-                )
+            s = int(shard_rows[0])
+            shard = self.shards[s]
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
-                f.write("\n".join(lines) + "\n")
-            paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
+                f.write(
+                    dali_index.subset_text(
+                        shard.index(), sample_rows.tolist(), IMAGE_EXTS, LABEL_EXT, np.dtype(LABEL_DTYPE).itemsize
+                    )
+                )
+            if local is not None:
+                paths.append(local[s])
+            else:
+                paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
             index_paths.append(path)
         return paths, index_paths
 
-    def build(self, plan: EpochPlan, epoch: int):
-        paths, index_paths = self.write_subindexes(plan, epoch)
+    def build(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
+        paths, index_paths = self.write_subindexes(plan, epoch, local)
         half = self.dtype == torch.float16
         pipe = image_pipeline(
             paths,
             index_paths,
             train=self.train,
-            image_size=self.image_size,
+            image_size=self.spec.image_size,
             gpu=self.gpu,
             out_dtype=types.FLOAT16 if half else types.FLOAT,
-            layout="HWC" if self.channels_last else "CHW",
+            layout="HWC" if self.spec.channels_last else "CHW",
             opts=self.opts,
-            crops=dali_crops.CropParams(plan, self.seed, epoch) if self.train else None,
+            crops=dali_crops.CropParams(plan, self.spec.seed, epoch) if self.train else None,
             hints=self.hints,
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,
             prefetch_queue_depth=self.opts.prefetch_queue_depth,
-            seed=hash((self.seed, epoch, self.rank)) & 0x7FFFFFFF,
+            seed=hash((self.spec.seed, epoch, self.spec.rank, *seed_key)) & 0x7FFFFFFF,
         )
         t = time.perf_counter()
         pipe.build()
@@ -313,57 +319,112 @@ class DaliBackend:
         )
         return pipe
 
-    def _pipeline(self, plan: EpochPlan, epoch: int) -> tuple[object, bytes | None]:
-        """(a pipeline positioned at the plan's first row, the key to keep it under; None for train)."""
-        if self.train:
-            return self.build(plan, epoch), None
-        key = b"".join(a.tobytes() for a in (plan.shard, plan.sample, np.int64([epoch])))
-        kept, self._kept = self._kept, None
-        if kept is not None and kept[0] == key:
-            # The reader's epoch is exactly this plan, so after a complete pass the pipeline has
-            # wrapped around to its first batch (random_shuffle=False: the same order again).
-            return kept[1], key
-        del kept
-        return self.build(plan, epoch), key
-
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if plan.batches == 0:
             return
-        pipe, key = self._pipeline(plan, epoch)
+        if self.spec.cache is not None:
+            yield from self._cached_batches(plan, epoch, self.spec.cache)
+            return
+        pipe, key = self._local_pipeline(plan, epoch)
+        yield from self._run(pipe, plan)
+        if key is not None:  # reached only after a complete pass (an early stop ends at a yield)
+            self._kept = (key, pipe)
+
+    def _local_pipeline(self, plan: EpochPlan, epoch: int) -> tuple[object, bytes | None]:
+        """(a started pipeline positioned at the plan's first row, the key to keep it under; None for train)."""
+        if self.train:
+            return self._start(plan, epoch), None
+        key = b"".join(a.tobytes() for a in (plan.shard, plan.sample, np.int64([epoch])))
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == key:
+            # The reader's epoch is exactly this plan and _run scheduled exactly plan.batches, so the
+            # reader stands at its first row again (random_shuffle=False: the same order). Queue
+            # as many batches as a fresh pipeline's first schedule_run does.
+            for _ in range(self.opts.prefetch_queue_depth):
+                kept[1].schedule_run()
+            return kept[1], key
+        del kept
+        return self._start(plan, epoch), key
+
+    def _cached_batches(self, plan: EpochPlan, epoch: int, cache) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A remote set: DALI's reader opens every file of a pipeline when it is built, so the epoch
+        runs as a chain of pipelines over a few shards each, which the cache holds (pinned) meanwhile.
+        The next one is built and started in a thread as soon as its shards are here, so switching
+        costs no idle time."""
+        reads = EpochReads(cache, plan)
+        biggest = max(t.size for t in cache.tars)
+        # About SEGMENT_BYTES a pipeline (its build is then a small cost), and never more than half
+        # the limit: this pipeline's shards and the next one's are held at once.
+        runs = min(math.ceil(SEGMENT_BYTES / max(1, biggest)), cache.limit // max(1, 2 * biggest))
+        segments = reads.segments(plan.batches, max(1, runs))
+
+        def prepare(k: int):
+            b0, b1 = segments[k]
+            local = reads.need(b1 - 1)
+            rows = slice(b0 * self.batch_size, b1 * self.batch_size)
+            part = EpochPlan(plan.shard[rows], plan.sample[rows], plan.valid[rows], self.batch_size)
+            return self._start(part, epoch, local, seed_key=(b0,) if b0 else ()), part, local
+
+        builder = ThreadPoolExecutor(1, thread_name_prefix="dali-next")
+        ahead = builder.submit(prepare, 0)
+        try:
+            for k, (_, b1) in enumerate(segments):
+                pipe, part, local = ahead.result()
+                ahead = builder.submit(prepare, k + 1) if k + 1 < len(segments) else None
+                yield from self._run(pipe, part, local)
+                del pipe
+                reads.finished(b1 - 1)
+        finally:
+            reads.close()  # first: a next pipeline still waiting for its shards then gives up
+            if ahead is not None:
+                with contextlib.suppress(Exception):
+                    ahead.result()  # an early stop: the next pipeline, built or not, goes with the epoch
+            builder.shutdown(wait=True)
+
+    def _start(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
+        """A built pipeline with its prefetch queue already filling (the first schedule_run queues
+        prefetch_queue_depth batches)."""
+        pipe = self.build(plan, epoch, local, seed_key)
+        pipe.schedule_run()
+        return pipe
+
+    def _run(
+        self, pipe, plan: EpochPlan, local: dict[int, str] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # schedule_run/outputs rather than run(): run() always queues one batch past the last,
+        # which the reader would read and decode for nothing.
+        scheduled = self.opts.prefetch_queue_depth
         # Issue 14, item 4: outputs on torch's current stream, not host-synchronous, so the CPU
         # can run ahead of the GPU (to_torch copies on the same stream).
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        complete = False
         try:
             for b in range(plan.batches):
                 try:
-                    images, labels = pipe.run(stream) if stream is not None else pipe.run()
+                    images, labels = pipe.outputs(stream)
                 except RuntimeError as e:
-                    # DALI names neither sample nor key: find it among the batches in flight.
-                    ahead = plan.from_batch(b)
-                    ahead = EpochPlan(
-                        *(
-                            a[: (self.opts.prefetch_queue_depth + 1) * self.batch_size]
-                            for a in (ahead.shard, ahead.sample, ahead.valid)
-                        ),
-                        self.batch_size,
-                    )
-                    err = find_undecodable(self.shards, ahead)
-                    if err is not None:
-                        raise err from e
-                    names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
-                    raise RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}") from e
+                    raise self._explain(e, plan.from_batch(b), local) from e
                 x = to_torch(images, self.device, self.pool)
-                if self.channels_last:
+                y = to_torch(labels, self.device).view(-1)
+                if scheduled < plan.batches:
+                    pipe.schedule_run()
+                    scheduled += 1
+                if self.spec.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels-last memory format
                 if self.dtype == torch.bfloat16:
                     x = x.to(torch.bfloat16)
-                yield x, to_torch(labels, self.device).view(-1)
-            complete = True
+                yield x, y
         finally:
-            if complete and key is not None:
-                self._kept = (key, pipe)
             del pipe
+
+    def _explain(self, e: RuntimeError, ahead: EpochPlan, local: dict[int, str] | None) -> Exception:
+        """DALI names neither sample nor key: find it among the batches in flight."""
+        n = (self.opts.prefetch_queue_depth + 1) * self.batch_size
+        ahead = EpochPlan(ahead.shard[:n], ahead.sample[:n], ahead.valid[:n], self.batch_size)
+        err = find_undecodable(self.shards, ahead, (local or {}).get)
+        if err is not None:
+            return err
+        names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
+        return RuntimeError(f"DALI failed on a batch read from {', '.join(names)}: {e}")
 
     def close(self) -> None:
         self._kept = None

@@ -30,6 +30,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from loaders.common import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "native").glob("*.cc"))
@@ -39,10 +41,6 @@ LIBRARY_NAME = "libshardline_dali.so"
 
 class PluginBuildError(RuntimeError):
     """The plugin could not be compiled here; the message says why in one line."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SHARDLINE_CACHE_DIR") or Path.home() / ".cache" / "shardline")
 
 
 def cuda_include_dirs() -> list[str]:

@@ -22,7 +22,7 @@ import io
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
-from loaders.api import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError
 from loaders.buffers import BufferPool
+from loaders.cache import EpochReads
+from loaders.common import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError, ReadSpec, apply_options
 from loaders.sharding import EpochPlan
 from loaders.spec import Shard, is_url, open_binary
 
@@ -47,16 +48,11 @@ class TorchOptions:
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> TorchOptions:
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown pytorch backend options {sorted(unknown)}")
         cores = len(os.sched_getaffinity(0))
         if device.type == "cuda":
             cores = max(1, cores // max(1, torch.cuda.device_count()))
         o = cls(workers=cores if workers is None else workers, pin_memory=device.type == "cuda")
-        for k, v in options.items():
-            setattr(o, k, v)
-        return o
+        return apply_options(o, options, "pytorch")
 
 
 # One row of the plan as the workers need it: no index lookups in the workers.
@@ -65,17 +61,36 @@ Row = tuple[int, int, int, int, int, int]
 
 
 class ShardRows(Dataset):
-    """Map-style dataset: a Row -> (uint8 H x W x 3 tensor, label)."""
+    """Map-style dataset: a Row -> (uint8 H x W x 3 tensor, label).
 
-    def __init__(self, urls: list[str], index_urls: list[str], train: bool, image_size: int, draft: bool) -> None:
-        self.urls, self.index_urls = urls, index_urls
+    `local`: the paths of a remote set's cached copies (loaders/cache.py). Those are opened for
+    each row and closed again, because the cache may evict and replace a file between epochs
+    and a kept descriptor would hold the old one's disk space; `urls` name the shards in errors.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        index_urls: list[str],
+        train: bool,
+        image_size: int,
+        draft: bool,
+        local: list[str] | None = None,
+    ) -> None:
+        self.urls, self.index_urls, self.local = urls, index_urls, local
         self.train, self.size, self.draft = train, image_size, draft
-        self._files: dict[int, object] = {}  # per worker process: open shards
+        self._files: dict[int, object] = {}  # per worker process: open shards (local sets)
 
     def __len__(self) -> int:  # rows come from the batch sampler; the length is not used
         return 0
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self.local is not None:
+            fd = os.open(self.local[shard], os.O_RDONLY)
+            try:
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
         f = self._files.get(shard)
         if f is None:
             url = self.urls[shard]
@@ -156,13 +171,25 @@ class ShardRows(Dataset):
 
 
 class PlanBatches:
-    """Batch sampler over the current epoch plan (swapped in by the backend before each epoch)."""
+    """Batch sampler over the current epoch plan (swapped in by the backend before each epoch).
+
+    With a shard cache (`reads`), batch k is handed to the workers only once every shard it
+    reads is local: the DataLoader asks for it in the main process, ahead of consumption.
+    """
 
     def __init__(self) -> None:
         self.rows: list[list[Row]] = []
+        self.reads: EpochReads | None = None
 
     def __iter__(self) -> Iterator[list[Row]]:
-        return iter(self.rows)
+        if self.reads is None:
+            return iter(self.rows)
+        return self._cached(self.reads)
+
+    def _cached(self, reads: EpochReads) -> Iterator[list[Row]]:
+        for k, rows in enumerate(self.rows):
+            reads.need(k)
+            yield rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -203,26 +230,17 @@ def normalize(
 class TorchBackend:
     name = "pytorch"
 
-    def __init__(
-        self,
-        *,
-        shards: list[Shard],
-        batch_size: int,
-        train: bool,
-        device: torch.device,
-        seed: int,
-        rank: int,
-        workers: int | None,
-        image_size: int,
-        dtype: torch.dtype,
-        channels_last: bool,
-        options: dict,
-    ) -> None:
-        self.shards, self.batch_size, self.device = shards, batch_size, device
-        self.seed, self.rank, self.dtype, self.channels_last = seed, rank, dtype, channels_last
-        self.opts = TorchOptions.from_machine(device, workers, options)
+    def __init__(self, spec: ReadSpec) -> None:
+        self.spec, self.shards, self.batch_size, self.device = spec, spec.shards, spec.batch_size, spec.device
+        self.opts = TorchOptions.from_machine(self.device, spec.workers, spec.options)
+        local = [spec.cache.local_path(s) for s in range(len(self.shards))] if spec.cache else None
         self.dataset = ShardRows(
-            [s.url for s in shards], [s.index_url for s in shards], train, image_size, self.opts.draft
+            [s.url for s in self.shards],
+            [s.index_url for s in self.shards],
+            spec.train,
+            spec.image_size,
+            self.opts.draft,
+            local,
         )
         self.sampler = PlanBatches()
         self.pool = BufferPool()
@@ -238,7 +256,7 @@ class TorchBackend:
                 pin_memory=self.opts.pin_memory,
                 persistent_workers=w > 0,  # no re-fork per epoch; memory stays flat
                 prefetch_factor=self.opts.prefetch_factor if w > 0 else None,
-                generator=torch.Generator().manual_seed(self.seed * 1000003 + self.rank),
+                generator=torch.Generator().manual_seed(self.spec.seed * 1000003 + self.spec.rank),
             )
         return self._loader
 
@@ -246,18 +264,31 @@ class TorchBackend:
         rows: list[Row] = []
         for s, i in zip(plan.shard.tolist(), plan.sample.tolist(), strict=True):
             idx = self.shards[s].index()
-            aug_seed = hash((self.seed, epoch, s, i)) & 0x7FFFFFFFFFFF  # ints hash the same in every process
+            aug_seed = hash((self.spec.seed, epoch, s, i)) & 0x7FFFFFFFFFFF  # ints hash the same in every process
             rows.append((s, i, int(idx.image_offset[i]), int(idx.image_size[i]), int(idx.label_offset[i]), aug_seed))
         b = self.batch_size
         return [rows[k : k + b] for k in range(0, len(rows), b)]
 
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.rows = self._rows(plan, epoch)
+        reads = self.sampler.reads = EpochReads(self.spec.cache, plan) if self.spec.cache else None
         non_blocking = self.device.type == "cuda"
-        for images, labels in self._dataloader():
-            images = images.to(self.device, non_blocking=non_blocking)
-            labels = labels.to(self.device, non_blocking=non_blocking)
-            yield normalize(images, self.dtype, self.channels_last, self.pool), labels
+        dtype, channels_last = self.spec.dtype, self.spec.channels_last
+        try:
+            for k, (images, labels) in enumerate(self._dataloader()):
+                if reads is not None:
+                    reads.finished(k)
+                images = images.to(self.device, non_blocking=non_blocking)
+                labels = labels.to(self.device, non_blocking=non_blocking)
+                yield normalize(images, dtype, channels_last, self.pool), labels
+        finally:
+            if reads is not None:
+                reads.close()
 
     def close(self) -> None:
-        self._loader = None  # persistent workers exit with their DataLoader
+        """Stop the persistent workers now, rather than leave them to the garbage collector (which,
+        at interpreter exit, tears them down in an order that reports them as exited unexpectedly)."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()

@@ -39,6 +39,12 @@ class EpochPlan:
     def batches(self) -> int:
         return len(self.shard) // self.batch_size
 
+    def runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Maximal stretches of rows reading the same shard: (their shard, their first row) per run."""
+        starts = np.flatnonzero(np.diff(self.shard)) + 1 if len(self.shard) else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], starts]).astype(np.int64) if len(self.shard) else starts
+        return self.shard[starts], starts
+
     def from_batch(self, b: int) -> EpochPlan:
         r = b * self.batch_size
         return EpochPlan(self.shard[r:], self.sample[r:], self.valid[r:], self.batch_size)

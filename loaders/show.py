@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders.api import IMAGENET_MEAN, IMAGENET_STD, DecodeError, Loader, make_loader
+from loaders.api import Loader, make_loader
+from loaders.common import IMAGENET_MEAN, IMAGENET_STD, DecodeError
 from shards.grid import image_grid
 
 MIN_CELL = 128  # small crops (CIFAR's 32 px) are enlarged to this, so they and their captions can be read

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 
 import fsspec
-import numpy as np
 
+from shards.dali_index import IndexFormatError, OffsetArrays, header_count, parse_offsets, row_key
 from shards.manifest import LABEL_EXT, ManifestError, resolve_spec
 from shards.storage import is_url
 
@@ -33,24 +33,16 @@ def read_text(url: str) -> str:
         return f.read().decode()
 
 
-@dataclass
-class SampleIndex:
-    """Per-sample member offsets of one shard, parsed from its .idx."""
-
-    image_ext: np.ndarray  # uint8: index into IMAGE_EXTS
-    image_offset: np.ndarray  # int64
-    image_size: np.ndarray  # int64
-    label_offset: np.ndarray  # int64 (the fixed-width binary label member)
-
-    def __len__(self) -> int:
-        return len(self.image_offset)
+SampleIndex = OffsetArrays  # per-sample member offsets of one shard, parsed from its .idx
 
 
 @dataclass
 class Shard:
     url: str
-    index_url: str
+    index_url: str  # a local copy's path once a remote set's index is cached (loaders/cache.py)
     samples: int
+    bytes: int | None = None  # from the manifest, when there is one
+    sha256: str | None = None
     _index: SampleIndex | None = field(default=None, repr=False)
 
     @property
@@ -68,39 +60,25 @@ class Shard:
 
     def key(self, i: int) -> str:
         """The key of sample i (read from the index file again: keys are not kept in memory)."""
-        line = read_text(self.index_url).splitlines()[1 + i]
-        return line.split()[3].split(".", 1)[0]
+        return self.keys()[i]
+
+    def keys(self) -> list[str]:
+        """Every sample's key, in shard order (read from the index file)."""
+        return [row_key(line) for line in read_text(self.index_url).splitlines()[1:]]
 
 
 def index_count(text_head: str, url: str) -> int:
-    parts = text_head.split("\n", 1)[0].split()
-    if len(parts) != 2 or parts[0] != "v1.2" or not parts[1].isdigit():
-        raise ManifestError(f"{url}: not a DALI v1.2 index (first line {text_head[:40]!r})")
-    return int(parts[1])
+    try:
+        return header_count(text_head)
+    except IndexFormatError as e:
+        raise ManifestError(f"{url}: {e}") from None
 
 
 def parse_index(text: str, url: str) -> SampleIndex:
-    lines = text.splitlines()
-    n = index_count(lines[0] if lines else "", url)
-    ext = np.zeros(n, np.uint8)
-    img_off, img_size, lab_off = (np.zeros(n, np.int64) for _ in range(3))
-    if len(lines) - 1 != n:
-        raise ManifestError(f"{url}: header says {n} samples but {len(lines) - 1} lines follow")
-    for i, line in enumerate(lines[1:]):
-        t = line.split()
-        found_img = found_lab = False
-        for j in range(0, len(t) - 3, 4):
-            e = t[j]
-            if e in IMAGE_EXTS and not found_img:
-                ext[i], img_off[i], img_size[i] = IMAGE_EXTS.index(e), int(t[j + 1]), int(t[j + 2])
-                found_img = True
-            elif e == LABEL_EXT:
-                lab_off[i] = int(t[j + 1])
-                found_lab = True
-        if not (found_img and found_lab):
-            key = t[3].split(".", 1)[0] if len(t) > 3 else "?"
-            raise ManifestError(f"{url}: sample {key} lacks a .jpg/.png image or a .{LABEL_EXT} label member")
-    return SampleIndex(ext, img_off, img_size, lab_off)
+    try:
+        return parse_offsets(text, IMAGE_EXTS, LABEL_EXT)
+    except IndexFormatError as e:
+        raise ManifestError(f"{url}: {e}") from None
 
 
 def open_shards(spec, split: str = "train") -> tuple[list[Shard], dict | None]:
@@ -112,6 +90,7 @@ def open_shards(spec, split: str = "train") -> tuple[list[Shard], dict | None]:
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
     refs, manifest = resolve_spec(spec, split=split)
+    recorded = {e["name"]: e for sp in (manifest or {}).get("splits", {}).values() for e in sp["shards"]}
     shards = []
     for r in refs:
         if r.index_url is None:
@@ -123,7 +102,8 @@ def open_shards(spec, split: str = "train") -> tuple[list[Shard], dict | None]:
                     samples = index_count(f.readline().decode(), r.index_url)
             except FileNotFoundError:
                 raise ManifestError(f"{r.index_url}: index missing (build shards with shardline)") from None
-        shards.append(Shard(r.url, r.index_url, samples))
+        rec = recorded.get(r.url.rsplit("/", 1)[-1], {})
+        shards.append(Shard(r.url, r.index_url, samples, rec.get("bytes"), rec.get("sha256")))
     if sum(s.samples for s in shards) == 0:
         raise ManifestError(f"{spec}: the shards hold no samples")
     return shards, manifest

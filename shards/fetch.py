@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import fsspec
 import requests
 
 from shards.checksums import md5_file
+from shards.retry import RetryPolicy, retry_call
 from shards.storage import is_url
 
 log = logging.getLogger("shards.fetch")
@@ -32,18 +30,6 @@ class FetchError(RuntimeError):
 
 class _Retryable(Exception):
     pass
-
-
-@dataclass
-class RetryPolicy:
-    attempts: int = 8
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-    timeout: float = 60.0  # seconds without a byte before a connection counts as dead
-
-    def delay(self, attempt: int) -> float:
-        # Full jitter (AWS architecture blog): spreads retries of many clients apart.
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
 def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
@@ -100,16 +86,16 @@ def _fs_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[in
 
 def _download(url: str, part: str, policy: RetryPolicy, progress) -> None:
     attempt_fn = _http_attempt if url.startswith(("http://", "https://")) else _fs_attempt
-    for attempt in range(policy.attempts):
-        try:
-            attempt_fn(url, part, policy, progress)
-            return
-        except _Retryable as e:
-            if attempt == policy.attempts - 1:
-                raise FetchError(f"{url}: giving up after {policy.attempts} attempts: {e}") from None
-            wait = policy.delay(attempt)
-            log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", url, e, wait, attempt + 2, policy.attempts)
-            time.sleep(wait)
+    try:
+        retry_call(
+            lambda: attempt_fn(url, part, policy, progress),
+            policy=policy,
+            retryable=lambda e: isinstance(e, _Retryable),
+            what=url,
+            log=log,
+        )
+    except _Retryable as e:
+        raise FetchError(f"{url}: giving up after {policy.attempts} attempts: {e}") from None
 
 
 def fetch(

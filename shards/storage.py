@@ -12,15 +12,15 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
+
+from shards.retry import RetryPolicy, retry_call
 
 TMP_MARK = ".tmp-"  # temporary names carry this; a rerun deletes any it finds
 REMOTE_ATTEMPTS = 6  # our own retries, on top of botocore's, for stores that fail for a while
@@ -28,6 +28,7 @@ REMOTE_ATTEMPTS = 6  # our own retries, on top of botocore's, for stores that fa
 S3_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 log = logging.getLogger("shards.storage")
+_REMOTE_POLICY = RetryPolicy(attempts=REMOTE_ATTEMPTS)
 
 
 def _retry_remote(fn: Callable) -> Callable:
@@ -40,18 +41,13 @@ def _retry_remote(fn: Callable) -> Callable:
     def wrapper(self: Storage, *args, **kwargs):
         if not self.remote:
             return fn(self, *args, **kwargs)
-        for attempt in range(REMOTE_ATTEMPTS):
-            try:
-                return fn(self, *args, **kwargs)
-            except _PERMANENT:
-                raise
-            except OSError as e:
-                if attempt == REMOTE_ATTEMPTS - 1:
-                    raise
-                wait = random.uniform(0, min(30.0, 0.5 * 2**attempt))
-                log.warning("%s %s: %s; retrying in %.1fs", fn.__name__, self.root, e, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        return retry_call(
+            lambda: fn(self, *args, **kwargs),
+            policy=_REMOTE_POLICY,
+            retryable=lambda e: isinstance(e, OSError) and not isinstance(e, _PERMANENT),
+            what=f"{fn.__name__} {self.root}",
+            log=log,
+        )
 
     return wrapper
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from shards import dali_index
 from shards.manifest import read_manifest
 from shards.storage import Storage
 
@@ -35,23 +36,6 @@ class _Hashing(io.RawIOBase):
         return len(data)
 
 
-def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
-    """DALI index v1.2 into per-sample lists of (ext, offset, size, name)."""
-    lines = text.splitlines()
-    head = lines[0].split()
-    if len(head) != 2 or head[0] != "v1.2":
-        raise ValueError(f"not a v1.2 index header: {lines[0]!r}")
-    samples = []
-    for line in lines[1:]:
-        f = line.split()
-        if len(f) % 4:
-            raise ValueError(f"malformed index line: {line!r}")
-        samples.append([(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)])
-    if int(head[1]) != len(samples):
-        raise ValueError(f"index header says {head[1]} samples, holds {len(samples)}")
-    return samples
-
-
 @dataclass
 class ShardCheck:
     name: str
@@ -67,7 +51,7 @@ def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> 
     if size != entry["bytes"]:
         problems.append(f"size {size} != manifest {entry['bytes']}")
     try:
-        index = parse_index(storage.read_bytes(entry["index"]).decode())
+        index = dali_index.parse_members(storage.read_bytes(entry["index"]).decode())
     except FileNotFoundError:
         index, _ = None, problems.append("index missing")
     except ValueError as e:

@@ -14,12 +14,12 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from shards import dali_index
 from shards.manifest import LABEL_EXT
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar pads archives to whole 10 KiB records
 MTIME = 1325376000  # 2012-01-01T00:00:00Z: fixed so the same input gives the same bytes
-INDEX_VERSION = "v1.2"
 
 
 @dataclass
@@ -66,7 +66,7 @@ class ShardWriter:
             (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
         ]
         parts = [self._member(n, d) for n, d in members]
-        self.index_lines.append(" ".join(f"{e} {o} {s} {n}" for e, o, s, n in parts))
+        self.index_lines.append(dali_index.member_fields(parts))
         self.samples += 1
 
     def close(self) -> None:
@@ -77,7 +77,7 @@ class ShardWriter:
 
     def index_text(self) -> str:
         """The DALI webdataset index (format v1.2, as nvidia.dali's wds2idx writes it)."""
-        return f"{INDEX_VERSION} {self.samples}\n" + "".join(line + "\n" for line in self.index_lines)
+        return dali_index.index_text(self.index_lines)
 
     @property
     def sha256(self) -> str:

@@ -1,7 +1,10 @@
 """A loopback reverse proxy in front of a real S3 endpoint that fails for a while, then recovers.
 
 The first `failures` requests get an S3-style error (alternating 500 InternalError and 503
-SlowDown, S3's throttling answer); every later request is forwarded unchanged.
+SlowDown, S3's throttling answer); every later request is forwarded unchanged. Optionally,
+`latency` seconds are added to every request (a bucket in the same region is about 0.025),
+`deny` maps a path suffix to the status (403, 404) its requests always get, and `log` records
+(method, path, response bytes) of every forwarded request.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host
 
 
 class FaultyS3Proxy:
-    def __init__(self, upstream: str, failures: int) -> None:
+    def __init__(
+        self, upstream: str, failures: int = 0, latency: float = 0.0, deny: dict[str, int] | None = None
+    ) -> None:
         self.upstream, self.failures_left = upstream.rstrip("/"), failures
+        self.latency, self.deny = latency, deny or {}
         self.lock = threading.Lock()
         self.errors_sent: list[int] = []
+        self.log: list[tuple[str, str, int]] = []
+        self._closing = threading.Event()
         proxy = self
         session = requests.Session()
 
@@ -31,14 +39,20 @@ class FaultyS3Proxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.latency:
+                    proxy._closing.wait(proxy.latency)
+                denied = next((c for suffix, c in proxy.deny.items() if self.path.split("?")[0].endswith(suffix)), None)
                 with proxy.lock:
-                    fail = proxy.failures_left > 0
-                    if fail:
+                    fail = proxy.failures_left > 0 or denied is not None
+                    if denied is not None:
+                        status = denied
+                    elif fail:
                         proxy.failures_left -= 1
                         status = 503 if len(proxy.errors_sent) % 2 else 500
+                    if fail:
                         proxy.errors_sent.append(status)
                 if fail:
-                    code = "SlowDown" if status == 503 else "InternalError"
+                    code = {503: "SlowDown", 403: "AccessDenied", 404: "NoSuchKey"}.get(status, "InternalError")
                     msg = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
@@ -57,6 +71,8 @@ class FaultyS3Proxy:
                     allow_redirects=False,
                 )
                 data = r.raw.read(decode_content=False)
+                with proxy.lock:
+                    proxy.log.append((self.command, self.path.split("?")[0], len(data)))
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
                     if k.lower() not in _HOP:
@@ -79,5 +95,6 @@ class FaultyS3Proxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()

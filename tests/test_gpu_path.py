@@ -61,7 +61,7 @@ def test_train_pipeline_still_follows_each_epoch_plan(shard_dir):
 
 
 def test_gpu_decoder_hints_scale_to_the_data(shard_dir):
-    from loaders.api import read_image_bytes
+    from loaders.common import read_image_bytes
     from loaders.dali import IMAGENET_HINTS, MIN_PADDING, DaliOptions, gpu_decoder_hints
     from loaders.spec import open_shards
 

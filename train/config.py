@@ -35,6 +35,8 @@ class Config:
     backend: str = "auto"
     workers: int | None = None  # None: the loader's default for this machine (loaders/dali.py, pytorch.py)
     image_size: int = 224
+    cache_dir: str | None = None
+    cache_limit: str | None = None
     # model
     arch: str = "resnet50"
     stem: str = "auto"
@@ -183,6 +185,24 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
             metavar="N",
             help="loader worker threads (dali) or processes (pytorch) per rank (default: the loader's, from the "
             "machine's cores and GPUs)",
+        ),
+    ),
+    (
+        ("--cache-dir",),
+        "cache_dir",
+        dict(
+            metavar="DIR",
+            help="remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, "
+            "shared by every rank on the machine; default ~/.cache/shardline/shards/<hash of the set URL> ($SHARDLINE_CACHE_DIR replaces ~/.cache/shardline)",
+        ),
+    ),
+    (
+        ("--cache-limit",),
+        "cache_limit",
+        dict(
+            metavar="SIZE",
+            help="most bytes the shard cache may hold, e.g. 200GB (bytes, or kB/MB/GB/TB, KiB..TiB); "
+            "default 80%% of the cache disk's free space; the whole set makes later epochs network-free",
         ),
     ),
     (

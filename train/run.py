@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loaders import DecodeError, make_loader
+from loaders import CacheError, DecodeError, make_loader
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.overfit_batches:
             return overfit(cfg, d)
         return evaluate_only(cfg, d) if cfg.evaluate else train(cfg, d)
-    except (SetupError, NonFiniteLoss, DecodeError) as e:
+    except (SetupError, NonFiniteLoss, DecodeError, CacheError) as e:
         print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {e}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     finally:
@@ -75,8 +75,10 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
             workers=cfg.workers,
             image_size=cfg.image_size,
             channels_last=cfg.channels_last,
+            cache_dir=cfg.cache_dir,
+            cache_limit=cfg.cache_limit,
         )
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, CacheError) as e:
         which = "training" if train else "validation"
         raise SetupError(f"{which} data: {e}") from None
 
