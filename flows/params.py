@@ -17,13 +17,13 @@ from typing import Any
 
 from shards.checksums import ChecksumError, parse_md5
 from shards.images import VERIFY_LEVELS
+from shards.manifest import IMAGE_EXTS
 from shards.sources import DATASETS
 from shards.storage import is_url
 from shards.types import Options
 
 VERIFY_MODES = VERIFY_LEVELS
 RUNNERS = ("local", "dask")
-IMAGE_EXTS = ("jpg", "png")
 DEFAULT_SHARD_SIZE = Options.shard_bytes
 
 _UNITS = {

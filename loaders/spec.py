@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 import fsspec
 
 from shards.dali_index import IndexFormatError, OffsetArrays, header_count, parse_offsets, row_key
-from shards.manifest import LABEL_EXT, ManifestError, resolve_spec
+from shards.manifest import IMAGE_EXTS, LABEL_EXT, ManifestError, resolve_spec
 from shards.storage import is_url
-
-IMAGE_EXTS = ("jpg", "png")  # DESIGN.md section 2: every reader accepts both
 
 
 def open_binary(url: str):

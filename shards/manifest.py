@@ -19,6 +19,7 @@ from shards.storage import Storage, is_url
 MANIFEST = "manifest.json"
 FORMAT = "shardline"
 VERSION = 1
+IMAGE_EXTS = ("jpg", "png")  # DESIGN.md section 2: the image member; every reader accepts both
 LABEL_EXT = "label"  # fixed-width binary label member: little-endian int64
 LABEL_DTYPE = "int64"
 

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from shards.dali_index import parse_members
 from shards.grid import image_grid
-from shards.manifest import ManifestError, read_manifest
+from shards.manifest import IMAGE_EXTS, ManifestError, read_manifest
 from shards.storage import Storage
-from shards.verify import parse_index
-
-IMAGE_EXTS = ("jpg", "png")
 
 
 @dataclass
@@ -87,7 +85,7 @@ def read_samples(path: str, split: str = "train", count: int = 32, seed: int = 0
     samples = []
     for pos, i in pick(m, split, count, seed):
         if pos not in indexes:
-            indexes[pos] = parse_index(storage.read_bytes(shards[pos]["index"]).decode())
+            indexes[pos] = parse_members(storage.read_bytes(shards[pos]["index"]).decode())
         samples.append(_sample(storage, shards[pos]["name"], indexes[pos][i], m["classes"]))
     return samples, m
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from shards import dali_index
-from shards.manifest import read_manifest
+from shards.manifest import IMAGE_EXTS, read_manifest
 from shards.storage import Storage
 
 
@@ -63,7 +63,7 @@ def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> 
             with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
                 for m in tar:
                     members.append((m.name, m.offset_data, m.size))
-                    if decode and m.name.rsplit(".", 1)[-1] in ("jpg", "png"):
+                    if decode and m.name.rsplit(".", 1)[-1] in IMAGE_EXTS:
                         data = tar.extractfile(m).read()
                         try:
                             with Image.open(io.BytesIO(data)) as img:
