@@ -12,7 +12,10 @@ still works) would interleave their shards under one manifest. So a build holds 
   `ttl/3` seconds with a put conditional on its own ETag (If-Match); a lease not renewed for
   `ttl` seconds (measured in the store's own clock: its Date header against the object's
   Last-Modified) belonged to a dead build and is taken over, again by If-Match, so of two
-  builds taking over one expired lease only one succeeds.
+  builds taking over one expired lease only one succeeds. A lease whose holder ran on this
+  host under a pid that no longer exists is taken over at once, the same way, without waiting
+  for it to expire (a killed build rerun on the same machine). Each call to the store is
+  retried on transient errors (5xx, throttling, dropped connections), as Storage's are.
 
 A second build fails at once with one line (`LockHeld`) naming the holder and since when,
 or, with wait=True, waits for the lock. Any orchestrator takes the lock the same way:
@@ -32,10 +35,12 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 
-from shards.storage import Storage
+from shards.retry import retry_call
+from shards.storage import REMOTE_POLICY, Storage, transient
 
 LOCK_NAME = ".shardline.lock"
 LEASE_TTL = 300.0  # seconds an object-store lease lives without renewal: a few minutes
@@ -135,7 +140,8 @@ class _S3Lease:
 
     def __init__(self, storage: Storage, params: dict | None, ttl: float) -> None:
         self.storage, self.ttl = storage, ttl
-        self.record = _holder_record(params) | {"ttl_s": ttl}  # "started" stays the first put's
+        # "started" stays the first put's; "token" tells this lease from another of the same process
+        self.record = _holder_record(params) | {"ttl_s": ttl, "token": uuid.uuid4().hex}
         self.fs = storage.fs
         self.bucket, self.key, _ = self.fs.split_path(storage.url(LOCK_NAME))
         self.etag: str | None = None
@@ -143,19 +149,32 @@ class _S3Lease:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
+    def _call(self, method: str, **kwargs) -> dict:
+        return retry_call(
+            lambda: self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs),
+            policy=REMOTE_POLICY,
+            # 412 (s3fs: EINVAL) answers a condition: another build's lease, not a failure to retry
+            retryable=lambda e: transient(e) and getattr(e, "errno", None) != errno.EINVAL,
+            what=f"{method} {self.storage.url(LOCK_NAME)}",
+            log=log,
+        )
+
     def _put(self, **condition: str) -> str:
         # "renewed" makes every renewal's body, so its ETag, new: If-Match then tells them apart.
         record = self.record | {"renewed": time.time()}
         body = json.dumps(record).encode()
-        meta = {"holder": json.dumps({k: record[k] for k in ("host", "pid", "started", "ttl_s")})}
-        resp = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, Metadata=meta, **condition)
-        return resp["ETag"]
+        meta = {"holder": json.dumps({k: record[k] for k in ("host", "pid", "started", "ttl_s", "token")})}
+        return self._call("put_object", Body=body, Metadata=meta, **condition)["ETag"]
 
     def _head(self) -> dict | None:
         try:
-            return self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+            return self._call("head_object")
         except FileNotFoundError:
             return None
+
+    def _ours(self, holder: dict) -> bool:
+        """Our own lease: a put that succeeded although its answer was lost, then retried."""
+        return holder.get("token") == self.record["token"]
 
     def try_acquire(self) -> dict | None:
         try:
@@ -168,13 +187,16 @@ class _S3Lease:
                 holder = json.loads(head.get("Metadata", {}).get("holder") or "{}") or {}
             except json.JSONDecodeError:
                 holder = {}
-            if not self._expired(head, holder):
+            if self._ours(holder):
+                self.etag = head["ETag"]
+            elif self._expired(head, holder) or _dead_here(holder):
+                try:  # take over exactly this lease: a newer one has another ETag
+                    self.etag = self._put(IfMatch=head["ETag"])
+                except OSError:
+                    return holder  # another build took it over first
+                log.warning("took over the stale lease of %s", _held_message(self.storage.root, holder))
+            else:
                 return holder
-            try:  # take over exactly this expired lease: a newer one has another ETag
-                self.etag = self._put(IfMatch=head["ETag"])
-            except OSError:
-                return holder  # another build took it over first
-            log.warning("took over the expired lease of %s", _held_message(self.storage.root, holder))
         self._renewer = threading.Thread(target=self._renew, name="lease-renewer", daemon=True)
         self._renewer.start()
         return None
@@ -216,6 +238,19 @@ class _S3Lease:
             with contextlib.suppress(OSError):  # If-Match: never delete a lease another build took over
                 self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
         self.etag = None
+
+
+def _dead_here(holder: dict) -> bool:
+    """The holder ran on this host under a pid that no longer exists."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class _NoLock:

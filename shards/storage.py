@@ -28,7 +28,12 @@ REMOTE_ATTEMPTS = 6  # our own retries, on top of botocore's, for stores that fa
 S3_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 log = logging.getLogger("shards.storage")
-_REMOTE_POLICY = RetryPolicy(attempts=REMOTE_ATTEMPTS)
+REMOTE_POLICY = RetryPolicy(attempts=REMOTE_ATTEMPTS)
+
+
+def transient(e: BaseException) -> bool:
+    """A remote error worth retrying: not a missing object, denied access or an existing one."""
+    return isinstance(e, OSError) and not isinstance(e, _PERMANENT)
 
 
 def _retry_remote(fn: Callable) -> Callable:
@@ -43,8 +48,8 @@ def _retry_remote(fn: Callable) -> Callable:
             return fn(self, *args, **kwargs)
         return retry_call(
             lambda: fn(self, *args, **kwargs),
-            policy=_REMOTE_POLICY,
-            retryable=lambda e: isinstance(e, OSError) and not isinstance(e, _PERMANENT),
+            policy=REMOTE_POLICY,
+            retryable=transient,
             what=f"{fn.__name__} {self.root}",
             log=log,
         )

@@ -26,6 +26,11 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     _forget_s3_clients()  # an s3fs instance cached under an earlier endpoint would point there
+    # moto keeps its buckets in process-wide state, shared by every server started in this
+    # process: start from an empty store, so no test sees another module's objects.
+    import requests
+
+    requests.post(f"{endpoint}/moto-api/reset", timeout=30).raise_for_status()
     try:
         if bucket:
             import boto3

@@ -31,7 +31,7 @@ NON_DEFAULTS = {
     "ema": "0.99", "clip_grad": "2", "amp": "bf16", "channels_last": None, "compile": None,
     "preset": "cifar10-resnet18", "output": "runs/x", "no_auto_resume": None, "checkpoint_minutes": "3",
     "deterministic": None, "seed": "9", "log_every": "7", "progress": "never", "overfit_batches": "3",
-    "overfit_steps": "50",
+    "overfit_steps": "50", "cache_dir": "/tmp/shard-cache", "cache_limit": "20GB",
 }  # fmt: skip
 NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn"}  # each tested by its own checks
 
