@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import s3fs
 from moto.server import ThreadedMotoServer
 
 
@@ -25,6 +26,9 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # fsspec caches S3FileSystem instances by arguments and thread id, and thread ids are
+    # reused: without this a later test could get an instance bound to a stopped server.
+    s3fs.S3FileSystem.clear_instance_cache()
     try:
         if bucket:
             import boto3
@@ -37,4 +41,5 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
         srv.stop()
