@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import s3fs
 from moto.server import ThreadedMotoServer
 
 
@@ -48,6 +49,5 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
 
 
 def _forget_s3_clients() -> None:
-    import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()

@@ -31,7 +31,7 @@ from shards.build import build
 from shards.types import Options
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
-BUCKET, PREFIX = "team-data", "photos"
+BUCKET, PREFIX = "cache-tests", "photos"
 SPEC = f"s3://{BUCKET}/{PREFIX}"
 TESTS = Path(__file__).parent
 
@@ -45,14 +45,24 @@ def local_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(local_set):
-    """The endpoint URL, with the set uploaded under s3://team-data/photos."""
-    with moto_s3(BUCKET) as endpoint:
+    """The endpoint URL, with the set uploaded under s3://cache-tests/photos.
+
+    The bucket is emptied and deleted afterwards: moto keeps its state per process, not per
+    server, so later test modules would otherwise find it.
+    """
+    with moto_s3(None) as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
         for p in local_set.iterdir():
             client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.name}")
         s3fs.S3FileSystem.clear_instance_cache()
-        yield endpoint
-        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield endpoint
+        finally:
+            for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+                client.delete_object(Bucket=BUCKET, Key=obj["Key"])
+            client.delete_bucket(Bucket=BUCKET)
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @contextlib.contextmanager
