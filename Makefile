@@ -28,7 +28,8 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q
+	@# Two workers, a test file each: most tests wait on subprocesses and servers, not the CPU.
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

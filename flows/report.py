@@ -32,4 +32,5 @@ def print_summary(result: dict, console: Console | None = None) -> None:
     for row in result["rows"]:
         table.add_row(*(_cell(c, row.get(c)) for c in COLUMNS))
     console.print(table)
-    console.print(f"output: {result['output']}")
+    # soft_wrap: a long path stays on one line, whole, so it can be copied (and grepped)
+    console.print(f"output: {result['output']}", soft_wrap=True, highlight=False)

@@ -50,31 +50,9 @@ def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> 
         return ShardCheck(name, ["missing"])
     if size != entry["bytes"]:
         problems.append(f"size {size} != manifest {entry['bytes']}")
-    try:
-        index = dali_index.parse_members(storage.read_bytes(entry["index"]).decode())
-    except FileNotFoundError:
-        index, _ = None, problems.append("index missing")
-    except ValueError as e:
-        index, _ = None, problems.append(f"index: {e}")
-    members: list[tuple[str, int, int]] = []
-    with storage.open(name) as raw:
-        stream = _Hashing(raw)
-        try:
-            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
-                for m in tar:
-                    members.append((m.name, m.offset_data, m.size))
-                    if decode and m.name.rsplit(".", 1)[-1] in IMAGE_EXTS:
-                        data = tar.extractfile(m).read()
-                        try:
-                            with Image.open(io.BytesIO(data)) as img:
-                                img.load()
-                        except Exception as e:
-                            problems.append(f"{m.name}: undecodable: {e}")
-            while stream.read(1 << 20):  # hash the end-of-archive padding too
-                pass
-        except tarfile.TarError as e:
-            problems.append(f"not a readable tar: {e}")
-    if stream.sha.hexdigest() != entry["sha256"]:
+    index = _read_index(storage, entry["index"], problems)
+    members, sha256 = _read_tar(storage, name, decode, problems)
+    if sha256 != entry["sha256"]:
         problems.append("sha256 mismatch")
     keys = {n.split(".", 1)[0] for n, _, _ in members}
     if len(keys) != entry["samples"]:
@@ -84,6 +62,44 @@ def check_shard(storage: Storage, entry: dict, image_ext: str, decode: bool) -> 
         if flat != members:
             problems.append("index does not match the tar's members")
     return ShardCheck(name, problems)
+
+
+def _read_index(storage: Storage, name: str, problems: list[str]) -> list | None:
+    """The shard's index as members per sample, or None with the problem noted."""
+    try:
+        return dali_index.parse_members(storage.read_bytes(name).decode())
+    except FileNotFoundError:
+        problems.append("index missing")
+    except ValueError as e:
+        problems.append(f"index: {e}")
+    return None
+
+
+def _read_tar(storage: Storage, name: str, decode: bool, problems: list[str]) -> tuple[list[tuple[str, int, int]], str]:
+    """One streaming pass over the tar: its (member, data offset, size) list and its sha256;
+    with `decode`, every image is decoded too, and each that fails is noted."""
+    members: list[tuple[str, int, int]] = []
+    with storage.open(name) as raw:
+        stream = _Hashing(raw)
+        try:
+            with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tar:
+                for m in tar:
+                    members.append((m.name, m.offset_data, m.size))
+                    if decode and m.name.rsplit(".", 1)[-1] in IMAGE_EXTS:
+                        _check_decodes(m.name, tar.extractfile(m).read(), problems)
+            while stream.read(1 << 20):  # hash the end-of-archive padding too
+                pass
+        except tarfile.TarError as e:
+            problems.append(f"not a readable tar: {e}")
+    return members, stream.sha.hexdigest()
+
+
+def _check_decodes(member: str, data: bytes, problems: list[str]) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as e:
+        problems.append(f"{member}: undecodable: {e}")
 
 
 def verify(root: str, decode: bool = False, progress=None) -> list[ShardCheck]:
