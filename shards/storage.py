@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,20 +111,6 @@ class Storage:
         return int(self.fs.size(self._path(name)))
 
     @_retry_remote
-    def list(self, prefix: str = "") -> list[str]:
-        """Names (relative to the root) of objects directly under root/prefix."""
-        base = self._path(prefix).rstrip("/") if prefix else self._root_path
-        try:
-            entries = self.fs.ls(base, detail=False, refresh=True) if self.remote else self.fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return []
-        out = []
-        for e in entries:
-            name = str(e).rstrip("/").rsplit("/", 1)[-1]
-            out.append(f"{prefix.rstrip('/')}/{name}" if prefix else name)
-        return sorted(out)
-
-    @_retry_remote
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open(self._path(name), "rb") as f:
             return f.read()
@@ -197,8 +182,3 @@ class Storage:
                     os.remove(os.path.join(dirpath, f))
                     removed.append(os.path.relpath(os.path.join(dirpath, f), self.root))
         return removed
-
-
-def copy_to_local(storage: Storage, name: str, dest: str) -> None:
-    with storage.open(name) as src, open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)

@@ -7,7 +7,6 @@ index of 1.28M ImageNet images stays a few hundred MB and any item can be read b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -99,8 +98,3 @@ class Options:
         }
         p.update(self.extra)
         return p
-
-
-def iter_chunks(seq: list, n: int) -> Iterator[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
