@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import build_photo_shards
+from helpers import build_photo_shards, kill_9_at_checkpoint
 
 from loaders import make_loader
 
@@ -226,25 +225,7 @@ def test_checkpoint_and_exact_resume_on_the_gpu(shard_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if last.exists():
-                try:
-                    ck = torch.load(last, map_location="cpu", weights_only=False)
-                except Exception:
-                    ck = {"epoch": -1, "batches": 0}
-                if ck["epoch"] == 1 and ck["batches"] > 0:
-                    break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("no mid-epoch checkpoint appeared")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    ck = kill_9_at_checkpoint(proc, killed / "checkpoints" / "last.pt", epoch=1, timeout=300)
     rng = ck["ranks"][0]["rng"]["cuda"]
     assert isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8  # this rank's GPU only (issue 14, item 8)
     p = run_train(*args)

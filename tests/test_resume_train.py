@@ -14,11 +14,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_9_at_checkpoint
 from test_resume_loaders import UniqueLabels
 
 from shards.build import build
@@ -84,28 +84,7 @@ def kill_9_all(pid: int) -> None:
 def start_and_kill_mid_epoch(cmd: list[str], out: Path, epoch: int, min_batches: int) -> None:
     """Run cmd until OUTPUT/checkpoints/last.pt is a checkpoint inside `epoch`, then kill -9 all of it."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = out / "checkpoints" / ckpt_io.LAST
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if last.exists():
-                try:
-                    ck = ckpt_io.load(str(last))
-                except ckpt_io.CheckpointError:
-                    ck = {}  # caught between the writer's renames: look again
-                if ck.get("epoch") == epoch and ck.get("batches", 0) >= min_batches:
-                    break
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended before it could be killed:\n{proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        else:
-            raise AssertionError("no mid-epoch checkpoint appeared")
-        kill_9_all(proc.pid)  # torchrun and its workers, all at once
-    finally:
-        if proc.poll() is None:
-            kill_9_all(proc.pid)
-        proc.wait()
-        proc.stderr.close()
+    kill_9_at_checkpoint(proc, out / "checkpoints" / ckpt_io.LAST, epoch, min_batches, kill=kill_9_all)
     assert not (out / "summary.json").exists()
 
 

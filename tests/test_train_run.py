@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from helpers import build_photo_shards
+from helpers import build_photo_shards, kill_9_at_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -160,22 +158,8 @@ def test_kill_9_mid_epoch_then_rerun_equals_uninterrupted(photos, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "train", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:  # wait for a mid-epoch checkpoint in epoch 1 (after one finished epoch)
-            if last.exists():
-                ck = torch.load(last, map_location="cpu", weights_only=False)
-                if ck["epoch"] == 1 and ck["batches"] > 0:
-                    break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("no mid-epoch checkpoint appeared")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    # wait for a mid-epoch checkpoint in epoch 1 (after one finished epoch), then kill -9
+    kill_9_at_checkpoint(proc, killed / "checkpoints" / "last.pt", epoch=1, timeout=180)
     assert not (killed / "summary.json").exists()
 
     p = run_train(*args)  # the same command: resumes by itself from last.pt

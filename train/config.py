@@ -406,8 +406,8 @@ OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
             action="store_true",
             default=None,
             help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine; "
-            "an exact mid-epoch resume needs --backend pytorch (its crops are seeded per sample; DALI's restart "
-            "their random stream on resume)",
+            "either backend seeds each sample's crop and flip from (seed, epoch, sample), so a mid-epoch resume "
+            "reads the same crops",
         ),
     ),
     (

@@ -208,7 +208,7 @@ def resume(
         return EpochState(), ckpt_io.Progress()
     ck, path = _read_checkpoint(path, last_path, reporter)
     batches = len(parts.loader)
-    _check_compatible(ck, cfg, num_classes, d, batches)
+    _check_compatible(ck, cfg, num_classes)
     if elastic.same_shape(ck, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
         state = ckpt_io.restore(ck, parts, d.rank, d.device)
     else:  # another number of processes or batch size: continue the epoch (train/elastic.py)
@@ -411,7 +411,7 @@ def finish(
     return 0
 
 
-def _check_compatible(ck: dict, cfg: Config, num_classes: int, d: distributed.Dist, batches: int) -> None:
+def _check_compatible(ck: dict, cfg: Config, num_classes: int) -> None:
     if ck.get("arch") != cfg.arch or ck.get("num_classes") != num_classes:
         raise SetupError(
             f"checkpoint is {ck.get('arch')} with {ck.get('num_classes')} classes, this run is {cfg.arch} with "
