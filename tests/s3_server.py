@@ -10,6 +10,16 @@ import s3fs
 from moto.server import ThreadedMotoServer
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point every S3 client (boto3, s3fs, DALI) at `endpoint`."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
 @contextmanager
 def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
     """Start moto, point the standard AWS variables at it (inherited by child processes),
@@ -18,12 +28,7 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
     srv.start()
     host, port = srv.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = aws_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     _forget_s3_clients()  # an s3fs instance cached under an earlier endpoint would point there

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import build_photo_shards, kill_9_at_checkpoint
+from s3_server import aws_env
 
 from loaders import make_loader
 
@@ -131,12 +132,7 @@ def test_shard_cache_feeds_the_gpu_pipeline(shard_dir, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = aws_env(f"http://127.0.0.1:{port}")
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)

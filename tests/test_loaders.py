@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import PHOTOS, PhotoSource, build_photo_shards
 from PIL import Image
+from s3_server import aws_env
 
 from loaders import DecodeError, make_loader
 from loaders.spec import parse_index
@@ -282,12 +283,7 @@ def s3_shards(shard_dir):
         [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    env = aws_env(endpoint)
     mp = pytest.MonkeyPatch()
     for k, v in env.items():
         mp.setenv(k, v)
