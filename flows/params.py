@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import typing
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from shards import sizes
+from shards.cache_root import cache_root
 from shards.checksums import ChecksumError, parse_md5
 from shards.images import VERIFY_LEVELS
 from shards.manifest import IMAGE_EXTS
@@ -26,44 +27,16 @@ VERIFY_MODES = VERIFY_LEVELS
 RUNNERS = ("local", "dask")
 DEFAULT_SHARD_SIZE = Options.shard_bytes
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
 class ParamError(ValueError):
     """A bad build parameter; the message is one line naming the option."""
 
 
 def parse_size(value: str | int) -> int:
-    """'1GB' -> 10**9, '500MB', '64MiB', '1.5GB', 12345 -> bytes (decimal units, as disks count)."""
-    if isinstance(value, bool):
-        raise ParamError(f"--shard-size {value!r}: not a size")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        unit = m.group(2).lower() if m else None
-        if not m or unit not in _UNITS:
-            raise ParamError(f"--shard-size {value!r}: not a size (examples: 1GB, 500MB, 64MiB, 1000000)")
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ParamError(f"--shard-size {value!r}: must be more than 0 bytes")
-    return n
+    """--shard-size as bytes, by the one size parser (shards/sizes.py); ParamError for a bad one."""
+    try:
+        return sizes.parse_size(value, "--shard-size")
+    except ValueError as e:
+        raise ParamError(str(e)) from None
 
 
 def parse_splits(value: str | Iterable[str] | None) -> list[str] | None:
@@ -78,9 +51,8 @@ def parse_splits(value: str | Iterable[str] | None) -> list[str] | None:
 
 
 def default_cache_dir() -> str:
-    """Where downloads of a URL --source go unless --cache-dir says: the XDG cache folder."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "shardline")
+    """Where downloads of a URL --source go unless --cache-dir says: <cache root>/downloads."""
+    return str(cache_root() / "downloads")
 
 
 def _opt(help: str, default: Any = None, **cli: Any) -> Any:
@@ -114,7 +86,7 @@ class BuildParams:
     )
     cache_dir: str | None = _opt(
         "Local folder for the downloads of a URL --source; verified downloads are reused by the next run and an "
-        "interrupted one resumes. Default: $XDG_CACHE_HOME/shardline, else ~/.cache/shardline "
+        "interrupted one resumes. Default: $SHARDLINE_CACHE_DIR/downloads, else ~/.cache/shardline/downloads "
         f"(here: {default_cache_dir()}).",
         metavar="DIR",
     )

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loaders.common import cache_root
 from loaders.sharding import EpochPlan
+from shards.cache_root import cache_root
 from shards.retry import RetryPolicy, retry_call
 from shards.storage import Storage
 

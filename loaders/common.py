@@ -5,10 +5,8 @@ and sharding.py, so api.py and the backends all import it and nothing imports ba
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,12 +21,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875  # eval: resize shorter side to image_size / 0.875, center crop image_size
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CACHE_ENV = "SHARDLINE_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """Where shardline caches what it makes or fetches (the DALI plugin, remote shards)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shardline")
 
 
 @dataclass

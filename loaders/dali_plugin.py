@@ -30,7 +30,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from loaders.common import cache_root
+from shards.cache_root import cache_root
 
 log = logging.getLogger(__name__)
 
