@@ -15,11 +15,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from shards import sizes
+from shards.build_request import BuildRequest
 from shards.cache_root import cache_root
 from shards.checksums import ChecksumError, parse_md5
 from shards.images import VERIFY_LEVELS
 from shards.manifest import IMAGE_EXTS
-from shards.sources import DATASETS
+from shards.sources import DATASETS, demo
 from shards.storage import is_url
 from shards.types import Options
 
@@ -173,9 +174,13 @@ class BuildParams:
         "manifest's empty_classes) instead of failing, as torchvision's ImageFolder(allow_empty=True).",
         False,
     )
-    train_per_class: int | None = _opt("demo only: training images per class (default 500).", metavar="N", type=int)
-    val_per_class: int | None = _opt("demo only: validation images per class (default 100).", metavar="N", type=int)
-    demo_size: int | None = _opt("demo only: image side in pixels (default 96).", metavar="PX", type=int)
+    train_per_class: int | None = _opt(
+        f"demo only: training images per class (default {demo.TRAIN_PER_CLASS}).", metavar="N", type=int
+    )
+    val_per_class: int | None = _opt(
+        f"demo only: validation images per class (default {demo.VAL_PER_CLASS}).", metavar="N", type=int
+    )
+    demo_size: int | None = _opt(f"demo only: image side in pixels (default {demo.SIZE}).", metavar="PX", type=int)
     wait: bool = _opt(
         "If another build holds --output (its .shardline.lock, or its lease on object storage), wait for it "
         "to finish instead of failing at once.",
@@ -249,10 +254,29 @@ class BuildParams:
         if self.dask_address and self.runner != "dask":
             raise ParamError("--dask-address needs --runner dask")
 
-    @property
-    def ext(self) -> str:
-        """CIFAR-10 is lossless at the source, so it keeps PNG unless told otherwise."""
-        return self.image_ext or ("png" if self.dataset == "cifar10" else "jpg")
+    def request(self, downloaded: bool = False) -> BuildRequest:
+        """The checked parameters as shards/ takes them: what to build and the options that
+        decide its bytes (`downloaded`: the URL source's archives are local now, already checked)."""
+        return BuildRequest(
+            dataset=self.dataset,
+            source=self.source,
+            seed=self.seed,
+            shard_bytes=parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
+            shard_samples=self.shard_samples,
+            verify=self.verify,
+            max_side=self.max_side,
+            max_pixels=self.max_pixels,
+            image_ext=self.image_ext,
+            jpeg_quality=self.jpeg_quality,
+            md5=self.md5,
+            check_md5=self.check_md5,
+            val_fraction=self.val_fraction,
+            allow_empty_classes=self.allow_empty_classes,
+            train_per_class=self.train_per_class,
+            val_per_class=self.val_per_class,
+            demo_size=self.demo_size,
+            downloaded=downloaded or bool(self.source and is_url(self.source)),
+        )
 
     def cache_path(self) -> str:
         return os.path.abspath(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir()
@@ -262,39 +286,6 @@ class BuildParams:
 
     def split_list(self) -> list[str] | None:
         return parse_splits(self.splits)
-
-    def source_kwargs(self) -> dict:
-        """The keyword arguments open_source() takes for this dataset kind (unset ones left out)."""
-        # A downloaded archive was checked against --md5 as it arrived: hashing it again would
-        # cost another full read (150 GB for ImageNet), so only a local source gets md5.
-        md5 = {} if self.source and is_url(self.source) else (self.md5 or {})
-        if self.dataset == "imagenet":
-            return {"check_md5": self.check_md5, "md5": md5}
-        if self.dataset == "imagefolder":
-            kw = {"seed": self.seed} | ({"val_fraction": self.val_fraction} if self.val_fraction is not None else {})
-            return kw | ({"allow_empty_classes": True} if self.allow_empty_classes else {})
-        if self.dataset == "cifar10":
-            return {"image_ext": self.ext, "jpeg_quality": self.jpeg_quality, "md5": md5}
-        kw = {"seed": self.seed, "train_per_class": self.train_per_class, "val_per_class": self.val_per_class}
-        return {k: v for k, v in (kw | {"size": self.demo_size}).items() if v is not None}
-
-    def options(self) -> Options:
-        """Options for shards/. Source options that change which images or bytes are written
-        are recorded in the manifest params too, so a rerun with other values is never taken
-        for a finished set; options that only check (md5, check_md5) are not."""
-        skip = ("seed", "md5", "check_md5", "image_ext", "jpeg_quality")
-        extra = {"image_ext": self.ext} | {k: v for k, v in self.source_kwargs().items() if k not in skip}
-        return Options(
-            seed=self.seed,
-            shard_bytes=parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
-            shard_samples=self.shard_samples,
-            verify=self.verify,
-            max_side=self.max_side,
-            image_ext=self.ext,
-            jpeg_quality=self.jpeg_quality,
-            max_pixels=self.max_pixels,
-            extra=extra,
-        )
 
     def flow_kwargs(self) -> dict:
         """The checked parameters as the flow takes them (md5 parsed, splits a list, sizes in bytes)."""

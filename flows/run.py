@@ -25,12 +25,12 @@ def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
     if configured_api_url() is None:
         server = TemporaryServer()
         server.start()  # its ~5 s start overlaps the imports and the indexing below
-    from flows.build_shards import build_shards, preindex  # imports Prefect
+    from flows.build_shards import build_shards, index_ahead, indexed_ahead  # imports Prefect
     from flows.report import print_summary
 
-    preindex(params)
+    ahead = index_ahead(params)
     try:
-        with _using(server):
+        with _using(server), indexed_ahead(ahead):
             result = build_shards(**params.flow_kwargs())
     except Exception as e:  # the flow's logs already hold the traceback; end with one line
         click.echo(f"error: build-shards failed: {type(e).__name__}: {e}", err=True)
