@@ -13,7 +13,6 @@ import functools
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from train.config import Config, ConfigError, parse
 from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, check_deterministic, uses_small_stem
 from train.overfit import TooFewBatches, run_overfit
-from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
+from train.recipe import ModelEma, Recipe, make_loss, make_recipe
 from train.report import Reporter
 
 
@@ -158,35 +157,6 @@ def seed_everything(cfg: Config) -> None:
 
 
 # -- training -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Recipe:
-    """What turns gradients into progress, built once from the config."""
-
-    optimizer: torch.optim.Optimizer
-    schedule: WarmupCosine
-    scaler: torch.amp.GradScaler | None
-    ema: ModelEma | None
-    mixing: MixupCutmix
-    global_batch: int
-    peak_lr: float
-
-
-def make_recipe(cfg: Config, d: distributed.Dist, model: nn.Module, num_classes: int, batches: int, amp: str) -> Recipe:
-    steps_per_epoch = -(-batches // cfg.accum_steps)
-    global_batch = cfg.batch_size * d.world_size
-    peak = peak_lr(cfg.lr, global_batch)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return Recipe(
-        optimizer=make_optimizer(model, cfg.optimizer, peak, cfg.wd, cfg.momentum, cfg.nesterov),
-        schedule=WarmupCosine(peak, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr),
-        scaler=torch.amp.GradScaler(d.device.type) if amp == "fp16" else None,
-        ema=ModelEma(model, cfg.ema) if cfg.ema > 0 else None,
-        mixing=MixupCutmix(cfg.mixup, cfg.cutmix, num_classes, seed=cfg.seed * 1000 + d.rank),
-        global_batch=global_batch,
-        peak_lr=peak,
-    )
 
 
 def resume(
