@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +49,18 @@ def choose_amp(amp: str, device_type: str, native_bf16: bool) -> str:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    # including_emulation defaults to True, which answers yes on V100/T4 (issue 14, item 1).
+    # including_emulation defaults to True, which answers yes on V100/T4, whose bf16 is emulated.
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return choose_amp(amp, device.type, native)
+
+
+# The epoch's running sums, per rank, named as EpochState's fields: a checkpoint keeps every
+# rank's, an elastic resume hands the old ranks' to the new ones (train/elastic.py), the epoch end
+# adds them over ranks (epoch_totals). Counts add up over ranks; times are per rank, so their
+# sum over ranks is world size x the epoch's time.
+EPOCH_COUNTS = ("loss_sum", "seen")
+EPOCH_TIMES = ("seconds", "wait_seconds")
+EPOCH_SUMS = EPOCH_COUNTS + EPOCH_TIMES
 
 
 @dataclass
@@ -68,7 +77,21 @@ class EpochState:
     lr: float = 0.0
 
     def reset(self, epoch: int) -> None:
-        self.epoch, self.batches, self.loss_sum, self.seen, self.seconds, self.wait_seconds = epoch, 0, 0.0, 0, 0.0, 0.0
+        self.epoch, self.batches = epoch, 0
+        self.set_sums(EpochState().sums())
+
+    def sums(self) -> dict[str, float]:
+        """This rank's running sums of the epoch (EPOCH_SUMS)."""
+        return {k: getattr(self, k) for k in EPOCH_SUMS}
+
+    def set_sums(self, sums: Mapping[str, float]) -> None:
+        for k in EPOCH_SUMS:
+            setattr(self, k, sums[k])
+
+
+def epoch_totals(state: EpochState, dist: Dist) -> dict[str, float]:
+    """The epoch's running sums added over every rank (a collective: every rank calls it)."""
+    return dict(zip(EPOCH_SUMS, all_reduce_sum(list(state.sums().values()), dist), strict=True))
 
 
 @dataclass

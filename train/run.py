@@ -21,7 +21,7 @@ from loaders import CacheError, DecodeError, make_loader
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
-from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
+from train.engine import EpochState, NonFiniteLoss, Trainer, epoch_totals, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, check_deterministic, uses_small_stem
 from train.overfit import TooFewBatches, run_overfit
 from train.recipe import ModelEma, Recipe, make_loss, make_recipe
@@ -177,14 +177,14 @@ def resume(
             os.remove(reporter.metrics_path)  # a fresh run: no lines from an earlier one
         return EpochState(), ckpt_io.Progress()
     ck, path = _read_checkpoint(path, last_path, reporter)
-    batches = len(parts.loader)
-    _check_compatible(ck, cfg, num_classes)
-    if elastic.same_shape(ck, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
+    batches, saved = len(parts.loader), ckpt_io.saved(ck)
+    _check_compatible(saved, cfg, num_classes)
+    if elastic.same_shape(saved, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
         state = ckpt_io.restore(ck, parts, d.rank, d.device)
     else:  # another number of processes or batch size: continue the epoch (train/elastic.py)
         ckpt_io.restore_weights(ck, parts)
         state, change = elastic.resume(
-            ck,
+            saved,
             parts.loader,
             rank=d.rank,
             world_size=d.world_size,
@@ -240,9 +240,8 @@ def train_one_epoch(
         on_step=functools.partial(log_step, reporter, cfg.log_every),
     )
     reporter.end_epoch()
-    loss_sum, seen, seconds, wait = distributed.all_reduce_sum(
-        [state.loss_sum, state.seen, state.seconds, state.wait_seconds], d
-    )
+    total = epoch_totals(state, d)
+    loss_sum, seen, seconds, wait = total["loss_sum"], total["seen"], total["seconds"], total["wait_seconds"]
     progress.samples_base += int(seen)  # the schedule's clock for the checkpoint at this epoch's end
     return {
         "epoch": epoch,
@@ -381,10 +380,10 @@ def finish(
     return 0
 
 
-def _check_compatible(ck: dict, cfg: Config, num_classes: int) -> None:
-    if ck.get("arch") != cfg.arch or ck.get("num_classes") != num_classes:
+def _check_compatible(ck: ckpt_io.Saved, cfg: Config, num_classes: int) -> None:
+    if ck.arch != cfg.arch or ck.num_classes != num_classes:
         raise SetupError(
-            f"checkpoint is {ck.get('arch')} with {ck.get('num_classes')} classes, this run is {cfg.arch} with "
+            f"checkpoint is {ck.arch} with {ck.num_classes} classes, this run is {cfg.arch} with "
             f"{num_classes}: use another --output, or --no-auto-resume to start afresh"
         )
 
@@ -424,24 +423,23 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
 
 def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     try:
-        ck = ckpt_io.load(cfg.evaluate)
+        ck = ckpt_io.saved(ckpt_io.load(cfg.evaluate))
     except ValueError as e:
         raise SetupError(str(e)) from None
     # The model and its input size come from the checkpoint: it fixes what the weights mean.
-    saved = ck.get("config", {})
-    cfg.image_size = ck.get("image_size", cfg.image_size)
-    cfg.arch, cfg.stem = ck.get("arch", cfg.arch), ck.get("stem", cfg.stem)
-    cfg.zero_init_residual = saved.get("zero_init_residual", True)
+    cfg.image_size = ck.image_size or cfg.image_size
+    cfg.arch, cfg.stem = ck.arch or cfg.arch, ck.stem or cfg.stem
+    cfg.zero_init_residual = ck.zero_init_residual
     _, val_loader = make_loaders(cfg, d, cfg.batch_size)
-    num_classes = ck["num_classes"]
+    num_classes = ck.num_classes
     if val_loader.num_classes and val_loader.num_classes != num_classes:
         raise SetupError(f"checkpoint has {num_classes} classes, the validation data {val_loader.num_classes}")
     model = make_model(cfg, d, num_classes)
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(ck.model)
     amp = resolve_amp(cfg.amp, d.device)
     result = {"checkpoint": cfg.evaluate, **{f"val_{k}": v for k, v in evaluate(model, val_loader, d, amp).items()}}
-    if ck.get("ema") is not None:
-        model.load_state_dict(ck["ema"])
+    if ck.ema is not None:
+        model.load_state_dict(ck.ema)
         ev = evaluate(model, val_loader, d, amp)
         result.update(val_top1_ema=ev["top1"], val_top5_ema=ev["top5"])
     if d.is_main:
