@@ -138,7 +138,7 @@ def index_source(request: BuildRequest, local_source: str | None, splits: list[s
 
 
 @dataclass
-class Progress:
+class ProgressArtifact:
     """Counts finished shards and keeps the progress artifact current. In-process only: the
     local runner's task threads call it per shard; on dask the flow calls it per finished task."""
 
@@ -198,7 +198,7 @@ def write_batch(
     job: Leaf[Prepared],
     options: Options,
     pool: ShardPool | None,
-    progress: Progress | None,
+    progress: ProgressArtifact | None,
 ) -> Batch:
     """Write (or reuse) whole shards one after another; with a pool each goes to a process,
     without one (a single worker, or a dask worker process) it is written right here."""
@@ -265,7 +265,7 @@ def write_all(
 
     --runner local: `workers` task threads, each handing its shards to the process pool.
     --runner dask: the cluster's worker processes write the shards themselves (no pool there);
-    they cannot reach this process's Progress, so the flow counts shards as tasks complete."""
+    they cannot reach this process's ProgressArtifact, so the flow counts shards as tasks complete."""
     plan = job.plan
     progress = new_progress(len(plan.shards))
     workers = min(p.worker_count(), len(plan.shards))  # no idle processes for a small set
@@ -291,7 +291,7 @@ def write_all(
     return [r for b in done for r in b.records], split_seconds(done)
 
 
-def _results(futures: list, progress: Progress | None) -> list[Batch]:
+def _results(futures: list, progress: ProgressArtifact | None) -> list[Batch]:
     """Every batch's result, once all of them ended: a failure leaves all the other shards
     reusable. With `progress`, shards are counted as their task completes."""
     for f in as_completed(futures):
@@ -305,8 +305,8 @@ def _results(futures: list, progress: Progress | None) -> list[Batch]:
     return [f.result() for f in futures]
 
 
-def new_progress(total: int) -> Progress:
-    return Progress(total, create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+def new_progress(total: int) -> ProgressArtifact:
+    return ProgressArtifact(total, create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
 
 
 def _dask_task_runner(address: str | None, workers: int):

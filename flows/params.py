@@ -28,11 +28,12 @@ VERIFY_MODES = VERIFY_LEVELS
 RUNNERS = ("local", "dask")
 DEFAULT_SHARD_SIZE = Options.shard_bytes
 
+
 class ParamError(ValueError):
     """A bad build parameter; the message is one line naming the option."""
 
 
-def parse_size(value: str | int) -> int:
+def shard_size_bytes(value: str | int) -> int:
     """--shard-size as bytes, by the one size parser (shards/sizes.py); ParamError for a bad one."""
     try:
         return sizes.parse_size(value, "--shard-size")
@@ -214,7 +215,7 @@ class BuildParams:
             raise ParamError("--shard-size and --shard-samples exclude each other: give one")
         if self.shard_samples is not None and self.shard_samples < 1:
             raise ParamError(f"--shard-samples {self.shard_samples}: must be at least 1")
-        parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
+        shard_size_bytes(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
 
     def _check_images(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -261,7 +262,7 @@ class BuildParams:
             dataset=self.dataset,
             source=self.source,
             seed=self.seed,
-            shard_bytes=parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
+            shard_bytes=shard_size_bytes(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
             shard_samples=self.shard_samples,
             verify=self.verify,
             max_side=self.max_side,
@@ -292,7 +293,7 @@ class BuildParams:
         kw = asdict(self)
         kw["splits"] = self.split_list()
         if self.shard_size is not None:
-            kw["shard_size"] = parse_size(self.shard_size)
+            kw["shard_size"] = shard_size_bytes(self.shard_size)
         return kw
 
     def lock_record(self) -> dict:

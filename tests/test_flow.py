@@ -23,7 +23,7 @@ import flows.cli as cli
 import shards.build_request as build_request
 from flows.build_shards import PROGRESS_KEY, SUMMARY_KEY, build_shards
 from flows.cli import main
-from flows.params import BuildParams, ParamError, parse_size
+from flows.params import BuildParams, ParamError, shard_size_bytes
 from shards.build import build, prepare, write_shard
 from shards.build_request import BuildRequest
 from shards.manifest import read_manifest
@@ -378,13 +378,13 @@ def test_md5_names_may_be_paths_and_are_checked_for_local_archives():
     ],
 )
 def test_shard_sizes_parse(text, expected):
-    assert parse_size(text) == expected
+    assert shard_size_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GB", "1 parsec", "-1GB", "0", "1e9"])
 def test_bad_shard_sizes_are_refused(text):
     with pytest.raises(ParamError, match="--shard-size"):
-        parse_size(text)
+        shard_size_bytes(text)
 
 
 def test_params_record_what_changes_the_bytes():
