@@ -266,16 +266,21 @@ def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
     assert read_manifest(str(out))["splits"]["train"]["samples"] == 20
 
 
-def test_a_plain_script_writes_the_same_manifest_as_the_cli(prefect_harness, tmp_path):
+def test_a_plain_script_writes_the_same_manifest_as_the_cli(prefect_harness, tmp_path, monkeypatch):
     """shards.build.build() with a BuildRequest, as any script or other orchestrator would call
     it, writes manifest.json byte for byte as the CLI does (but for its creation time)."""
     options = {"shard_size": "100KB", "seed": 3, "verify": "header", "train_per_class": 3, "val_per_class": 1}
     options |= {"demo_size": 32, "jpeg_quality": 80}
     argv = ["build-shards", "--dataset", "demo", "--output", str(tmp_path / "cli"), "--workers", "1"]
     argv += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    opened = []
+    open_source = build_request.open_source
+    monkeypatch.setattr(build_request, "open_source", lambda *a, **k: opened.append(a) or open_source(*a, **k))
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 0
+    assert len(opened) == 1  # indexed once, ahead of the flow, which took that plan
+    monkeypatch.undo()
     request = BuildRequest("demo", shard_bytes=100_000, **{k: v for k, v in options.items() if k != "shard_size"})
     build(request.open_source(), str(tmp_path / "script"), request.options(), workers=2)
 
