@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import struct
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
@@ -22,6 +23,18 @@ VERSION = 1
 IMAGE_EXTS = ("jpg", "png")  # DESIGN.md section 2: the image member; every reader accepts both
 LABEL_EXT = "label"  # fixed-width binary label member: little-endian int64
 LABEL_DTYPE = "int64"
+_LABEL_STRUCT = struct.Struct("<q")  # LABEL_DTYPE, little-endian
+LABEL_BYTES = _LABEL_STRUCT.size
+
+
+def encode_label(label: int) -> bytes:
+    """The .label member of a sample."""
+    return _LABEL_STRUCT.pack(label)
+
+
+def decode_label(data: bytes) -> int:
+    """A .label member's bytes back to the label."""
+    return _LABEL_STRUCT.unpack(data)[0]
 
 
 def shard_name(dataset: str, split: str, index: int, count: int) -> str:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import tarfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from shards import dali_index
-from shards.manifest import LABEL_EXT
+from shards.manifest import LABEL_EXT, encode_label
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar pads archives to whole 10 KiB records
@@ -70,7 +69,7 @@ class ShardWriter:
         members = [
             (f"{key}.{image_ext}", image),
             (f"{key}.cls", str(label).encode()),
-            (f"{key}.{LABEL_EXT}", struct.pack("<q", label)),
+            (f"{key}.{LABEL_EXT}", encode_label(label)),
             (f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()),
         ]
         parts = [self._member(n, d) for n, d in members]

@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
-from loaders.show import batch_grid
+from loaders import batch_grid
 
 
 def write_json_atomic(path: str, obj: object) -> None:
