@@ -243,7 +243,7 @@ class Stateful:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """What the run has learnt so far, beside the epoch state."""
 
     history: list[dict] = field(default_factory=list)
@@ -263,7 +263,7 @@ def rank_state(state: EpochState, parts: Stateful, device: torch.device) -> dict
     }
 
 
-def payload(parts: Stateful, state: EpochState, ranks: list[dict], progress: Progress, meta: dict) -> dict:
+def payload(parts: Stateful, state: EpochState, ranks: list[dict], progress: RunProgress, meta: dict) -> dict:
     """The whole checkpoint. meta: seconds, config, arch, stem, image_size, num_classes, classes, world_size."""
     ema = parts.ema
     return {
@@ -312,8 +312,8 @@ def restore(ck: dict, parts: Stateful, rank: int, device: torch.device) -> Epoch
     return state
 
 
-def progress_of(ck: dict) -> Progress:
-    return Progress(
+def progress_of(ck: dict) -> RunProgress:
+    return RunProgress(
         list(ck.get("history", [])),
         ck.get("best_val_top1", float("-inf")),
         ck.get("seconds", 0.0),
@@ -395,7 +395,7 @@ class Checkpointer:
         """Rank 0's clock: --checkpoint-minutes passed since the last save (the trainer shares the decision)."""
         return self.dist.is_main and self.minutes > 0 and time.monotonic() - self._saved_at >= self.minutes * 60
 
-    def save_last(self, state: EpochState, progress: Progress) -> dict | None:
+    def save_last(self, state: EpochState, progress: RunProgress) -> dict | None:
         """Gather every rank's state, write last.pt on rank 0 (the one it replaces kept as previous.pt);
         the payload written (None on other ranks)."""
         ranks = gather_objects(rank_state(state, self.parts, self.dist.device), self.dist)

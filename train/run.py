@@ -161,7 +161,7 @@ def seed_everything(cfg: Config) -> None:
 
 def resume(
     cfg: Config, d: distributed.Dist, parts: ckpt_io.Stateful, recipe: Recipe, num_classes: int, reporter: Reporter
-) -> tuple[EpochState, ckpt_io.Progress]:
+) -> tuple[EpochState, ckpt_io.RunProgress]:
     """Continue from --resume, or from OUTPUT/checkpoints/last.pt (previous.pt) when there is one; else start afresh.
 
     The same shape (processes, batch sizes) continues exactly; another continues the epoch in
@@ -175,7 +175,7 @@ def resume(
     if not path:
         if d.is_main and os.path.exists(reporter.metrics_path):
             os.remove(reporter.metrics_path)  # a fresh run: no lines from an earlier one
-        return EpochState(), ckpt_io.Progress()
+        return EpochState(), ckpt_io.RunProgress()
     ck, path = _read_checkpoint(path, last_path, reporter)
     batches, saved = len(parts.loader), ckpt_io.saved(ck)
     _check_compatible(saved, cfg, num_classes)
@@ -223,7 +223,7 @@ def train_one_epoch(
     loader,
     state: EpochState,
     saver: ckpt_io.Checkpointer,
-    progress: ckpt_io.Progress,
+    progress: ckpt_io.RunProgress,
     reporter: Reporter,
     cfg: Config,
     d: distributed.Dist,
@@ -347,7 +347,7 @@ def finish(
     d: distributed.Dist,
     reporter: Reporter,
     state: EpochState,
-    progress: ckpt_io.Progress,
+    progress: ckpt_io.RunProgress,
     t_start: float,
     global_batch: int,
 ) -> int:
