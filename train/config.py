@@ -88,8 +88,8 @@ _PRESET_HELP = (
 )
 
 
-def _opt(default: Any, help: str, flag: str | None = None, **argparse_kw: Any) -> Any:
-    """A Config field: its default, its --help text, and its argparse form (`flag` when it is
+def _opt(help: str, default: Any, flag: str | None = None, **argparse_kw: Any) -> Any:
+    """A Config field: its --help text, its default, and its argparse form (`flag` when it is
     not --the-field-name; type, metavar, choices, nargs, action...). Help ends with the default,
     added by build_parser()."""
     return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kw})
@@ -101,249 +101,249 @@ class Config:
 
     # data
     data: str | None = _opt(
-        None,
         "folder (or URL) holding manifest.json: train and val splits and the classes come from it",
+        None,
         metavar="DIR",
     )
     shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
-        None,
         "training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs",
+        None,
         metavar="SPEC",
         nargs="+",
     )
     val_shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
-        None,
         "validation shards, as --shards; without them (and without --data) no validation is run",
+        None,
         metavar="SPEC",
         nargs="+",
     )
     num_classes: int | None = _opt(
-        None,
         "number of classes; read from the manifest when there is one, needed when there is none",
+        None,
         type=int,
         metavar="C",
     )
     backend: str = _opt(
-        "auto",
         "loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)",
+        "auto",
         choices=["auto", "dali", "pytorch"],
     )
     workers: int | None = _opt(
-        None,
         "loader worker threads (dali) or processes (pytorch) per rank (default: the loader's, from the machine's cores and GPUs)",
+        None,
         type=int,
         metavar="N",
     )
     cache_dir: str | None = _opt(
-        None,
         "remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, shared by every rank on the machine; default ~/.cache/shardline/shards/<hash of the set URL> ($SHARDLINE_CACHE_DIR replaces ~/.cache/shardline)",
+        None,
         metavar="DIR",
     )
     cache_limit: str | None = _opt(
-        None,
         "most bytes the shard cache may hold, e.g. 200GB (bytes, or kB/MB/GB/TB, KiB..TiB); default 80%% of the cache disk's free space; the whole set makes later epochs network-free",
+        None,
         metavar="SIZE",
     )
     image_size: int = _opt(
-        224,
         "side of the square crop the model sees (train: random-resized-crop; val: resize to size/0.875, center crop)",
+        224,
         type=int,
         metavar="PX",
     )
     # model
     arch: str = _opt(
-        "resnet50",
         ARCH_HELP + "; a custom Class is called as Class(num_classes=C)",
+        "resnet50",
         metavar="NAME",
     )
     stem: str = _opt(
-        "auto",
         "input stem: standard (torchvision's), small (3x3 stride-1 first conv, no max-pool, for 32-64 px data), auto (small when --image-size <= 64)",
+        "auto",
         choices=["auto", "standard", "small"],
     )
     zero_init_residual: bool = _opt(
-        True,
         "keep the default init of each residual block's last BN gamma instead of zero (zero-init is a Bag of Tricks item) (default: zero-init on)",
+        True,
         flag="--no-zero-init-residual",
         action="store_false",
     )
     # recipe
     epochs: int = _opt(
-        90,
         "training epochs",
+        90,
         type=int,
         metavar="N",
     )
     batch_size: int = _opt(
-        256,
         "images per optimizer step PER PROCESS (per GPU); the global batch is this x world size",
+        256,
         type=int,
         metavar="N",
     )
     accum_steps: int = _opt(
-        1,
         "gradient accumulation: each step runs K forward/backward passes of batch-size/K images (must divide --batch-size)",
+        1,
         type=int,
         metavar="K",
     )
     optimizer: str = _opt(
-        "sgd",
         "SGD with momentum, or AdamW",
+        "sgd",
         choices=["sgd", "adamw"],
     )
     lr: float = _opt(
-        0.1,
         "base learning rate for a global batch of 256; the peak lr is LR x global_batch / 256",
+        0.1,
         type=float,
         metavar="LR",
     )
     momentum: float = _opt(
-        0.9,
         "SGD momentum (AdamW: beta1)",
+        0.9,
         type=float,
         metavar="M",
     )
     nesterov: bool = _opt(
-        False,
         "Nesterov momentum for SGD",
+        False,
         action="store_true",
     )
     wd: float = _opt(
-        0.0001,
         "weight decay, applied to weights only (never to biases or norm layers)",
+        0.0001,
         type=float,
         metavar="WD",
     )
     warmup_epochs: float = _opt(
-        5.0,
         "linear warmup from 0 to the peak lr over E epochs (per iteration), then cosine decay",
+        5.0,
         type=float,
         metavar="E",
     )
     min_lr: float = _opt(
-        0.0,
         "learning rate at the end of the cosine decay (absolute, not scaled)",
+        0.0,
         type=float,
         metavar="LR",
     )
     label_smoothing: float = _opt(
-        0.1,
         "label smoothing of the cross-entropy targets",
+        0.1,
         type=float,
         metavar="EPS",
     )
     mixup: float = _opt(
-        0.0,
         "mixup with Beta(ALPHA, ALPHA) weights; 0 disables (with --cutmix too, each batch picks one)",
+        0.0,
         type=float,
         metavar="ALPHA",
     )
     cutmix: float = _opt(
-        0.0,
         "cutmix with Beta(ALPHA, ALPHA) box areas; 0 disables",
+        0.0,
         type=float,
         metavar="ALPHA",
     )
     ema: float = _opt(
-        0.0,
         "keep an exponential moving average of the weights with this decay per step (e.g. 0.9998), evaluated beside the model; 0 disables",
+        0.0,
         type=float,
         metavar="DECAY",
     )
     clip_grad: float = _opt(
-        0.0,
         "clip the global gradient norm to NORM; 0 disables",
+        0.0,
         type=float,
         metavar="NORM",
     )
     # speed
     amp: str = _opt(
-        "auto",
         "mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, none; auto = bf16 on GPUs that support it, fp16 on older GPUs, none on CPU",
+        "auto",
         choices=["auto", "bf16", "fp16", "none"],
     )
     channels_last: bool = _opt(
-        False,
         "channels-last memory format for model and images (faster convolutions on tensor cores)",
+        False,
         action="store_true",
     )
     compile: bool = _opt(
-        False,
         "torch.compile the model",
+        False,
         action="store_true",
     )
     sync_bn: bool = _opt(
-        False,
         "synchronize BatchNorm statistics across ranks (needs GPUs)",
+        False,
         action="store_true",
     )
     # run
     preset: str | None = _opt(
-        None,
         _PRESET_HELP,
+        None,
         choices=sorted(PRESETS),
     )
     output: str = _opt(
-        "runs/train",
         "run folder: checkpoints/{last,best}.pt, metrics.jsonl, summary.json, tb/ (TensorBoard)",
+        "runs/train",
         metavar="DIR",
     )
     resume: str | None = _opt(
-        None,
         "resume from CKPT (or, without a value, OUTPUT/checkpoints/last.pt), mid-epoch included; a run resumes from OUTPUT/checkpoints/last.pt by default anyway",
+        None,
         metavar="CKPT",
         nargs="?",
         const="auto",
     )
     no_auto_resume: bool = _opt(
-        False,
         "start afresh even when OUTPUT/checkpoints/last.pt exists (it is overwritten)",
+        False,
         action="store_true",
     )
     checkpoint_minutes: float = _opt(
-        10.0,
         "also write last.pt every MIN minutes mid-epoch (it is always written at each epoch end); 0 = only at epoch ends",
+        10.0,
         type=float,
         metavar="MIN",
     )
     evaluate: str | None = _opt(
-        None,
         "only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5 (and a JSON line); the model, its stem and the image size come from the checkpoint",
+        None,
         metavar="CKPT",
     )
     deterministic: bool = _opt(
-        False,
         "deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine; either backend seeds each sample's crop and flip from (seed, epoch, sample), so a mid-epoch resume reads the same crops",
+        False,
         action="store_true",
     )
     seed: int = _opt(
-        0,
         "seed for the model init, the data order and augmentation, mixup/cutmix",
+        0,
         type=int,
         metavar="N",
     )
     log_every: int = _opt(
-        20,
         "update the progress bar and TensorBoard step scalars every STEPS optimizer steps",
+        20,
         type=int,
         metavar="STEPS",
     )
     # sanity check (train/overfit.py)
     overfit_batches: int | None = _opt(
-        None,
         'sanity check instead of a run: take the first N training batches once, without augmentation, and train on them until they are memorized (loss near 0, train top-1 100%%); writes "overfit" to OUTPUT/summary.json and exits 1 if it fails within --overfit-steps',
+        None,
         type=int,
         metavar="N",
     )
     overfit_steps: int = _opt(
-        500,
         "optimizer-step budget of --overfit-batches",
+        500,
         type=int,
         metavar="STEPS",
     )
     progress: str = _opt(
-        "auto",
         "progress bar on rank 0: auto shows it when stderr is a terminal",
+        "auto",
         choices=["auto", "always", "never"],
     )
 
