@@ -255,28 +255,15 @@ class BuildParams:
         if self.dask_address and self.runner != "dask":
             raise ParamError("--dask-address needs --runner dask")
 
-    def request(self, downloaded: bool = False) -> BuildRequest:
-        """The checked parameters as shards/ takes them: what to build and the options that
-        decide its bytes (`downloaded`: the URL source's archives are local now, already checked)."""
+    def request(self) -> BuildRequest:
+        """The checked parameters as shards/ takes them: what to build and the options that decide
+        its bytes (BuildRequest's fields of the same name, the shard size in bytes; a URL source is
+        downloaded, and checked as it arrives, before it is opened)."""
+        same = {f.name: getattr(self, f.name) for f in fields(BuildRequest) if hasattr(self, f.name)}
         return BuildRequest(
-            dataset=self.dataset,
-            source=self.source,
-            seed=self.seed,
+            **same,
             shard_bytes=shard_size_bytes(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
-            shard_samples=self.shard_samples,
-            verify=self.verify,
-            max_side=self.max_side,
-            max_pixels=self.max_pixels,
-            image_ext=self.image_ext,
-            jpeg_quality=self.jpeg_quality,
-            md5=self.md5,
-            check_md5=self.check_md5,
-            val_fraction=self.val_fraction,
-            allow_empty_classes=self.allow_empty_classes,
-            train_per_class=self.train_per_class,
-            val_per_class=self.val_per_class,
-            demo_size=self.demo_size,
-            downloaded=downloaded or bool(self.source and is_url(self.source)),
+            downloaded=bool(self.source and is_url(self.source)),
         )
 
     def cache_path(self) -> str:

@@ -8,6 +8,7 @@ line before any work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -401,6 +402,13 @@ def test_params_record_what_changes_the_bytes():
     inet = BuildParams(dataset="imagenet", source=".", output="x", md5=md5, check_md5=True).check().request()
     assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == md5
     assert BuildParams(dataset="cifar10", source=".", output="x").check().request().options().image_ext == "png"
+
+
+def test_every_build_request_field_comes_from_a_build_parameter():
+    """BuildParams.request() copies the fields of the same name: a BuildRequest field with no
+    option behind it would silently keep its default."""
+    own = {f.name for f in dataclasses.fields(BuildParams)}
+    assert {f.name for f in dataclasses.fields(BuildRequest)} - own == {"shard_bytes", "downloaded"}
 
 
 def test_a_second_build_into_a_held_output_fails_at_once(prefect_harness, tmp_path, capsys):
