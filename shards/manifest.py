@@ -37,9 +37,9 @@ def decode_label(data: bytes) -> int:
     return _LABEL_STRUCT.unpack(data)[0]
 
 
-def shard_name(dataset: str, split: str, index: int, count: int) -> str:
+def shard_name(dataset: str, split: str, number: int, count: int) -> str:
     width = max(3, len(str(count - 1)))
-    return f"{dataset}-{split}-{index:0{width}d}.tar"
+    return f"{dataset}-{split}-{number:0{width}d}.tar"
 
 
 def shard_pattern(dataset: str, split: str, count: int) -> str:

@@ -22,7 +22,7 @@ from shards.writer import SAMPLE_OVERHEAD
 class ShardSpec:
     dataset: str
     split: str
-    index: int
+    number: int  # the shard number: its position in the split
     name: str  # imagenet-train-000.tar
     items: tuple[Item, ...]
 

@@ -29,7 +29,7 @@ class BuildError(RuntimeError):
 @dataclass
 class ShardRecord:
     name: str
-    index: str
+    index_file: str
     split: str
     samples: int
     bytes: int
@@ -42,7 +42,7 @@ class ShardRecord:
     def manifest_entry(self) -> dict:
         return {
             "name": self.name,
-            "index": self.index,
+            "index": self.index_file,
             "samples": self.samples,
             "bytes": self.bytes,
             "sha256": self.sha256,
