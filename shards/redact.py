@@ -171,4 +171,3 @@ def _secrets(url: str) -> list[str]:
             if eq and value and unquote_plus(key).lower() in SECRET_PARAMS:
                 found |= _forms(value)
     return sorted((s for s in found if s), key=len, reverse=True)
-
