@@ -69,9 +69,7 @@ def read_manifest(root: str | Storage) -> dict:
     try:
         m = json.loads(storage.read_bytes(MANIFEST))
     except FileNotFoundError:
-        raise ManifestError(
-            f"no {MANIFEST} in {storage.shown}: the shard set is missing or incomplete"
-        ) from None
+        raise ManifestError(f"no {MANIFEST} in {storage.shown}: the shard set is missing or incomplete") from None
     except json.JSONDecodeError as e:
         raise ManifestError(f"{redact_url(storage.url(MANIFEST))} is not valid JSON: {e}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
@@ -101,9 +99,7 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
         storage = Storage(specs[0])
         m = read_manifest(storage)
         if split not in m["splits"]:
-            raise ManifestError(
-                f"{storage.shown}: manifest has no split {split!r} (has {sorted(m['splits'])})"
-            )
+            raise ManifestError(f"{storage.shown}: manifest has no split {split!r} (has {sorted(m['splits'])})")
         refs = [
             ShardRef(storage.url(s["name"]), storage.url(s["index"]), s["samples"])
             for s in m["splits"][split]["shards"]

@@ -43,7 +43,9 @@ def test_trainer_with_a_token_in_the_spec(photos, tmp_path, capsys, one_torch_th
     with FaultyServer(photos, query={"token": TOKEN}) as srv:
         spec = f"{srv.url}/?token={TOKEN}"  # the folder holding manifest.json
         capsys.readouterr()
-        rc = main(["--data", spec, "--epochs", "1", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY])
+        rc = main(
+            ["--data", spec, "--epochs", "1", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY]
+        )
         captured = capsys.readouterr()
         assert rc == 0, captured.err
         assert srv.refused == 0 and srv.requests
