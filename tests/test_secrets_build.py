@@ -153,3 +153,16 @@ def test_lease_object_and_its_message_on_s3():
             body = storage.read_bytes(LOCK_NAME).decode()
     assert json.loads(body)["params"]["source"] == "http://***@example.com/photos.tar?X-Amz-Signature=***"
     assert_nowhere([str(held.value), body, json.dumps(head.get("Metadata", {}))])
+
+
+def test_netrc_gives_the_credentials_without_a_url_carrying_them(served, tmp_path, monkeypatch):
+    from shards.fetch import fetch
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {TOKEN}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))  # requests reads it, as it reads ~/.netrc
+    with FaultyServer(served, auth=(USER, TOKEN)) as srv:
+        path = fetch(f"{srv.url}/photos.tar", str(tmp_path / "downloads"))
+        assert srv.refused == 0
+    assert Path(path).read_bytes() == (served / "photos.tar").read_bytes()
