@@ -112,6 +112,8 @@ def test_basic_auth_source_and_the_lock_another_build_meets(prefect_harness, ser
     assert second.returncode == 1 and "is locked by build pid" in second.stderr, second.stderr
     assert b"http://***@127.0.0.1" in lock_bytes
     assert_nowhere([run.stdout, run.stderr, second.stdout, second.stderr, lock_bytes.decode()], tmp_path)
+    # the server's database holds the flow run's parameters: the source there is the redacted one
+    assert any(b"http://***@127.0.0.1" in p.read_bytes() for p in database_files())
     assert_nowhere([], *database_files())
 
 
