@@ -36,17 +36,20 @@ def assert_nowhere(text: str, folder: Path | None = None) -> None:
             assert TOKEN.encode() not in path.read_bytes(), path
 
 
-def test_trainer_with_a_token_in_the_spec(photos, tmp_path, capsys, one_torch_thread):
+@pytest.mark.parametrize("where", ["query", "userinfo"])
+def test_trainer_with_a_token_in_the_spec(photos, tmp_path, capfd, one_torch_thread, where):
     from train.run import main
 
     out = tmp_path / "run"
-    with FaultyServer(photos, query={"token": TOKEN}) as srv:
-        spec = f"{srv.url}/?token={TOKEN}"  # the folder holding manifest.json
-        capsys.readouterr()
+    auth = ("alice", TOKEN) if where == "userinfo" else None
+    with FaultyServer(photos, query={"token": TOKEN} if where == "query" else None, auth=auth) as srv:
+        # the folder holding manifest.json
+        spec = f"{srv.url}/?token={TOKEN}" if where == "query" else srv.url.replace("://", f"://alice:{TOKEN}@")
+        capfd.readouterr()
         rc = main(
             ["--data", spec, "--epochs", "1", "--output", str(out), "--cache-dir", str(tmp_path / "cache"), *TINY]
         )
-        captured = capsys.readouterr()
+        captured = capfd.readouterr()  # the file descriptors: what any library printed too
         assert rc == 0, captured.err
         assert srv.refused == 0 and srv.requests
     assert (out / "summary.json").exists() and list((out / "checkpoints").glob("*.pt"))
@@ -65,6 +68,10 @@ def test_loader_errors_name_the_redacted_url(photos, tmp_path):
     for e in (refused, missing, not_tar):
         assert "token=***" in str(e.value), str(e.value)
         assert_nowhere(str(e.value))
+    with FaultyServer(photos, auth=("alice", TOKEN)) as srv, pytest.raises(Exception) as unauthorized:
+        make_loader(srv.url.replace("://", f"://alice:{TOKEN}-x@"), batch_size=4, train=True, cache_dir=tmp_path)
+    assert "***@127.0.0.1" in str(unauthorized.value), str(unauthorized.value)
+    assert_nowhere(str(unauthorized.value))
 
 
 @pytest.mark.xfail(
