@@ -170,3 +170,42 @@ def test_netrc_gives_the_credentials_without_a_url_carrying_them(served, tmp_pat
         path = fetch(f"{srv.url}/photos.tar", str(tmp_path / "downloads"))
         assert srv.refused == 0
     assert Path(path).read_bytes() == (served / "photos.tar").read_bytes()
+
+
+def test_a_flow_run_given_the_real_url_logs_it_redacted(prefect_harness, served, tmp_path, capfd):
+    """A deployment run gets its parameters as typed: the flow itself redacts what it logs and shows."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.build_shards import build_shards
+
+    secret = "d3pl0y-0nly-S3CRET"  # not the other tests' secret: the database keeps this run's parameters
+    with FaultyServer(served, auth=(USER, secret)) as srv:
+        source = srv.url.replace("://", f"://{USER}:{secret}@") + "/photos.tar"
+        state = build_shards(
+            dataset="imagefolder",
+            source=source,
+            output=str(tmp_path / "out"),
+            cache_dir=str(tmp_path / "downloads"),
+            shard_samples=3,
+            workers=1,
+            verify="header",
+            return_state=True,
+        )
+        assert srv.refused == 0
+    result, run_id = state.result(), state.state_details.flow_run_id
+    APILogHandler().flush()  # the logs go to the server in the background: send them now
+    client = get_client(sync_client=True)
+    # the REST filters directly: the sync client's read_* send unset options as null, which the server rejects
+    body = {"logs": {"flow_run_id": {"any_": [str(run_id)]}}, "limit": 200}
+    logs = [r["message"] for r in client.request("POST", "/logs/filter", json=body).json()]
+    body = {"artifacts": {"flow_run_id": {"any_": [str(run_id)]}}, "limit": 50}
+    artifacts = client.request("POST", "/artifacts/filter", json=body).json()
+    assert any("downloading http://***@127.0.0.1" in m for m in logs), logs
+    assert sum("carries credentials in the URL" in m for m in logs) == 1
+    assert len(artifacts) >= 2  # the download's progress, the shards' progress, the summary table
+    shown = [*logs, json.dumps(artifacts), json.dumps(result), *capfd.readouterr()]
+    for text in shown:
+        assert secret not in text, text
+    for path in tmp_path.rglob("*"):
+        assert secret not in str(path) and (not path.is_file() or secret.encode() not in path.read_bytes()), path
