@@ -82,7 +82,9 @@ class BuildParams:
     source: str | None = _opt(
         "Where the dataset is: a folder or file, or an http(s):// or s3:// URL (imagenet: of the folder holding "
         "the three archives under their official names; cifar10/imagefolder: of the one archive), downloaded "
-        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo.",
+        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo. "
+        "Credentials: ~/.netrc for http(s), the AWS chain for s3://; those in a URL (user:password@, a presigned "
+        "query) are used only to connect, and shown redacted everywhere.",
         metavar="PATH_OR_URL",
     )
     cache_dir: str | None = _opt(
