@@ -33,6 +33,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.credentials import warn_once
 from flows.download import download_archives
 from flows.params import BuildParams, flow_docstring, flow_signature
 from flows.pool import ShardPool
@@ -40,6 +41,7 @@ from flows.retry import worth_retrying
 from shards.build import Plan, ShardRecord, check_output, finish, prepare, reused_records, summary_rows, write_shard
 from shards.lock import OutputLock, output_lock
 from shards.plan import ShardSpec
+from shards.redact import redact_url
 from shards.sources import open_source
 from shards.storage import Storage, is_url
 from shards.types import Options, Source
@@ -308,11 +310,12 @@ def _build_shards(**params) -> dict:
     p = BuildParams(**params).check()
     log = get_run_logger()
     workers, options = p.worker_count(), p.options()
+    warn_once(p.source, log.warning)
     log.info(
         "build-shards %s from %s to %s with %d workers (%s runner)",
         p.dataset,
-        p.source or "(generated)",
-        p.output,
+        redact_url(p.source) if p.source else "(generated)",
+        redact_url(p.output),
         workers,
         p.runner,
     )
@@ -327,15 +330,16 @@ def _build_shards(**params) -> dict:
         log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(job.plan.shards))
         rows = _write_or_reuse(job, p, options, workers, lock, log)
     _report(rows, p.dataset, job, log)
-    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
-    return {"output": job.storage.root, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
+    output = redact_url(job.storage.root)  # the flow's result is stored by the server too
+    log.info("done in %.1fs: %s", time.perf_counter() - start, output)
+    return {"output": output, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
 
 
 def _write_or_reuse(
     job: Prepared, p: BuildParams, options: Options, workers: int, lock: OutputLock, log: logging.LoggerAdapter
 ) -> list[dict]:
     if job.done is not None:
-        log.info("%s already holds this complete set; nothing to do", job.storage.root)
+        log.info("%s already holds this complete set; nothing to do", redact_url(job.storage.root))
         return summary_rows(job.plan, reused_records(job.plan, job.done), {})
     if p.runner == "dask":
         records, seconds = write_all_dask(job, options, workers, p.dask_address, log)
@@ -361,7 +365,9 @@ def _report(rows: list[dict], dataset: str, job: Prepared, log: logging.LoggerAd
             r["seconds"],
             r["images_per_sec"],
         )
-    create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
+    create_table_artifact(
+        rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {redact_url(job.storage.root)}"
+    )
 
 
 # The flow's parameters are BuildParams' fields (flows/params.py): its signature, types,

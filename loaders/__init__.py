@@ -82,5 +82,17 @@ loader.backend_name, loader.progress, loader.plan() (this rank's rows for the ep
 from loaders.api import Loader, make_loader
 from loaders.cache import CacheError
 from loaders.common import DTYPES, IMAGENET_MEAN, IMAGENET_STD, DecodeError
+from shards.redact import redact_text, redact_url, redact_values
 
-__all__ = ["DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "CacheError", "DecodeError", "Loader", "make_loader"]
+__all__ = [
+    "DTYPES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CacheError",
+    "DecodeError",
+    "Loader",
+    "make_loader",
+    "redact_text",
+    "redact_url",
+    "redact_values",
+]

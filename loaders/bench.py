@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 
 from loaders.spec import open_shards
+from shards.redact import redact_text
 
 BACKENDS = ("dali", "pytorch")
 
@@ -205,7 +206,7 @@ def measure(kind: str, cfg: dict, queue) -> None:
             }
         )
     except BaseException as e:
-        queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {e}"})
+        queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {redact_text(str(e))}"})
         raise
     finally:
         queue.close()

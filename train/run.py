@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from loaders import CacheError, DecodeError, make_loader
+from loaders import CacheError, DecodeError, make_loader, redact_text
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return overfit(cfg, d)
         return evaluate_only(cfg, d) if cfg.evaluate else train(cfg, d)
     except (SetupError, NonFiniteLoss, DecodeError, CacheError) as e:
-        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {e}", file=sys.stderr)
+        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {redact_text(str(e))}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     finally:
         distributed.teardown()
