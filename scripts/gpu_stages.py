@@ -122,7 +122,9 @@ def imports(ctx: dict) -> dict:
     dali = str(found.get("nvidia.dali", "0"))
     if "nvidia.dali" in found and int(dali.split(".")[0]) < 2:
         missing["nvidia.dali"] = f"DALI {dali}: the loader needs DALI 2.x (pipe.outputs(stream))"
-    out = {"versions": found, "missing": missing, "python": sys.version.split()[0]}
+    project = sys.modules["loaders"].__file__ if "loaders" in found else None
+    out = {"versions": found, "missing": missing, "python": sys.version.split()[0],
+           "project": str(Path(project).resolve().parent.parent) if project else None}  # fmt: skip
     if missing:
         ctx["partial"] = out
         raise StageFailed("cannot import " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
@@ -157,12 +159,11 @@ def build_data(ctx: dict) -> dict:
 
 def gpu_tests(ctx: dict) -> dict:
     """tests/test_gpu.py: without CUDA (a dry run) every test must be collected and skip, saying why.
-    -o addopts= and -p no:timeout: the GPU machine's pytest may lack pytest-timeout, which the
-    project's addopts (--timeout) name."""
+    The GPU machine's bare pytest suffices (no pytest-timeout, no xdist)."""
     out = Path(ctx["output"])
     junit = out / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-o", "addopts=", "-p", "no:cacheprovider", "-p", "no:timeout",
-           "-m", ctx["mode"].marker, f"--junitxml={junit}", "tests/test_gpu.py"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", ctx["mode"].marker,
+           f"--junitxml={junit}", "tests/test_gpu.py"]  # fmt: skip
     if junit.exists():
         junit.unlink()
     p = run_logged(cmd, out / "tests.log", ctx["mode"].limit)
