@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a plain checkout: the project is not installed
 
-import torch  # noqa: E402
+import torch
 
-from loaders import make_loader  # noqa: E402
-from loaders.spec import open_shards  # noqa: E402
-from train.distributed import Dist  # noqa: E402
-from train.engine import evaluate, resolve_amp  # noqa: E402
-from train.models import build_model  # noqa: E402
-from train.run import set_kernel_flags  # noqa: E402
+from loaders import make_loader
+from loaders.spec import open_shards
+from train.distributed import Dist
+from train.engine import evaluate, resolve_amp
+from train.models import build_model
+from train.run import set_kernel_flags
 
 
 def first_shards(spec: str, images: int) -> list[str]:

@@ -125,7 +125,9 @@ def run_stages(result: dict, ctx: dict, path: Path) -> None:
         rec = run_stage(name, stage, ctx)
         result["stages"][name] = rec
         if rec["status"] != "ok":
-            print(f"gpu-check: {name} {rec['status'].upper()}: {rec.get('error') or rec.get('reason')}", file=sys.stderr)
+            print(
+                f"gpu-check: {name} {rec['status'].upper()}: {rec.get('error') or rec.get('reason')}", file=sys.stderr
+            )
         result["figures"] = st.figures(result["stages"])
         write(result, path)
 

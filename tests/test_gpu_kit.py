@@ -74,7 +74,7 @@ def python(env: dict, *args: str, cwd: Path, timeout: float = 120) -> subprocess
 
 
 def test_the_simulated_machine_lacks_what_the_gpu_machine_lacks(gpu_machine, tmp_path):
-    checkout, env = gpu_machine
+    _, env = gpu_machine
     names = [*ABSENT, "loaders", "train", "torch", "nvidia.dali"]
     probe = textwrap.dedent(
         f"""
@@ -100,7 +100,9 @@ def test_gpu_tests_collect_and_skip_saying_why(gpu_machine):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the GPU tests would run, not skip")
     # As a person would on the GPU machine, from the checkout's root, with the bare pytest it has.
-    p = python(env, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py", cwd=checkout)
+    p = python(
+        env, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py", cwd=checkout
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     skips = [line for line in p.stdout.splitlines() if line.startswith("SKIPPED")]
     assert skips and all("needs a CUDA GPU" in line for line in skips), p.stdout[-3000:]
@@ -206,7 +208,10 @@ def test_the_runner_goes_on_after_a_failed_stage(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_stages, "STAGES", [("data", fails, True, False), ("loader", later, True, True)])
     result = {"stages": {}, "figures": {}, "not_in_dry_run": []}
     gpu_check.run_stages(result, {"dry_run": True, "output": str(tmp_path)}, tmp_path / "result.json")
-    assert result["stages"]["loader"] == {"status": "skipped", "reason": "needs the benchmark set (the data stage failed)"}
+    assert result["stages"]["loader"] == {
+        "status": "skipped",
+        "reason": "needs the benchmark set (the data stage failed)",
+    }
 
 
 def test_results_are_read_from_the_stages_outputs(tmp_path):
