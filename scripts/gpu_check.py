@@ -1,6 +1,7 @@
 """`make gpu-check`: prove or disprove the GPU path in one command, and measure it.
 
-    python3 scripts/gpu_check.py [--quick] [--dry-run] [--photos DIR] [--copies N] [--output runs/gpu-check]
+    python3 scripts/gpu_check.py [--quick] [--dry-run] [--photos DIR] [--copies N] [--skip STAGE,...]
+                                 [--output runs/gpu-check]
 
 Its only precondition is a GPU machine with its own PyTorch (CUDA), torchvision, and the
 few wheels listed in the README's GPU section (DALI, webdataset, braceexpand): no pip
@@ -118,6 +119,9 @@ def run_stages(result: dict, ctx: dict, path: Path) -> None:
         if ctx["dry_run"] and not on_cpu:
             result["not_in_dry_run"].append(name)
             continue
+        if name in ctx.get("skip", ()):
+            result["stages"][name] = {"status": "skipped", "reason": "--skip"}
+            continue
         if needs_data and "data" not in ctx:
             result["stages"][name] = {"status": "skipped", "reason": "needs the benchmark set (the data stage failed)"}
             continue
@@ -207,14 +211,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output", default=str(st.REPO / "runs" / "gpu-check"), help="where result.json, logs and data go")
     ap.add_argument("--keep-going", action="store_true",
                     help="accepted for older command lines: the kit always goes on after a failed stage")  # fmt: skip
+    ap.add_argument("--skip", default="", metavar="STAGE,...",
+                    help="stages not to run, e.g. compile,tests: recorded as skipped (a short GPU lease)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.copies is not None and args.copies < 1:
         ap.error(f"--copies {args.copies}: give a whole number of at least 1")
+    args.skip = [x.strip() for x in args.skip.split(",") if x.strip()]
+    unknown = sorted(set(args.skip) - {name for name, *_ in st.STAGES})
+    if unknown:
+        ap.error(f"--skip {','.join(unknown)}: no such stage; the stages: {', '.join(n for n, *_ in st.STAGES)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.dry_run:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, for the kit and every child, even where a GPU is
     mode = "dry-run" if args.dry_run else "quick" if args.quick else "full"
     out = Path(args.output)
     path = out / "result.json"
@@ -232,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu-check: no GPU here (torch {env['torch']} sees no CUDA device); nothing was run "
               f"(--dry-run runs the kit on CPU). Wrote {path}", file=sys.stderr)  # fmt: skip
         return 2
-    ctx = {"args": args, "mode": st.MODES[mode], "env": env, "output": str(out), "dry_run": args.dry_run}
+    ctx = {"args": args, "mode": st.MODES[mode], "env": env, "output": str(out), "dry_run": args.dry_run,
+           "skip": args.skip}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     run_stages(result, ctx, path)
     result["failed_stages"] = [n for n, s in result["stages"].items() if s["status"] == "failed"]

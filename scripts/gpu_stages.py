@@ -149,8 +149,9 @@ def build_data(ctx: dict) -> dict:
     out = Path(ctx["output"]) / f"data-{photos.name}-x{copies}"
     reused = (out / "manifest.json").exists()
     if not reused:
-        shard_samples = 512 if copies * n > 2048 else 32
-        build_bench_shards(str(photos), str(out), copies, shard_samples=shard_samples, workers=ctx["env"]["cpus"])
+        big = copies * n > 2048  # a small set is built faster by one process than by a pool's start-up
+        workers = ctx["env"]["cpus"] if big else 1
+        build_bench_shards(str(photos), str(out), copies, shard_samples=512 if big else 32, workers=workers)
     shards, _ = open_shards(str(out), split="train")
     ctx["data"] = str(out)
     return {"photos": str(photos), "copies": copies, "path": str(out), "images": sum(s.samples for s in shards),
