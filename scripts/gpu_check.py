@@ -169,8 +169,10 @@ def stage_detail(name: str, s: dict) -> str:
 
 
 def shown(key: str, v) -> str:
-    if isinstance(v, (bool, int)) or v is None:
-        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
     if key.endswith(SHARES):
         return f"{100 * v:.1f}%"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"

@@ -281,11 +281,15 @@ def loader_figures(stage: dict) -> dict:
     base = _number(results.get("imagefolder") or {}, "images_per_sec")
     if base is not None:
         out["imagefolder_images_per_sec"] = base
-    gpu = stage.get("gpu") or {}
-    if "jpeg_engine_peak_percent" in gpu:
-        jpg = gpu["jpeg_engine_peak_percent"]
-        out["nvjpeg_hardware_decoder_used"] = None if jpg is None else jpg > 0
+    gpu = stage.get("gpu") or {}  # NVML, sampled while the bench ran (absent in a dry run)
+    jpg = gpu.get("jpeg_engine_peak_percent")
+    if jpg is not None:
+        out["nvjpeg_hardware_decoder_used"] = jpg > 0  # the JPEG engine worked while DALI decoded
         out["jpeg_engine_peak_percent"] = jpg
+    elif gpu:
+        out["nvjpeg_hardware_decoder_used"] = (
+            gpu.get("jpeg_engine") or f"unknown: {gpu.get('nvml', 'NVML gave no JPEG load')}"
+        )
     return out
 
 

@@ -204,6 +204,11 @@ def test_the_runner_goes_on_after_a_failed_stage(monkeypatch, tmp_path):
     assert [st[k]["status"] for k in ("data", "tests", "loader", "eval")] == ["ok", "failed", "ok", "failed"]
     assert st["eval"]["error"] == "KeyError: 'images_per_sec'" and result["figures"]["dali_train_images_per_sec"] == 5
     assert json.loads((tmp_path / "result.json").read_text())["stages"]["tests"]["status"] == "failed"
+    # --skip: recorded, not run.
+    ran.clear()
+    result = {"stages": {}, "figures": {}, "not_in_dry_run": []}
+    gpu_check.run_stages(result, {**ctx, "skip": ["tests", "eval"]}, tmp_path / "result.json")
+    assert ran == ["data", "loader"] and result["stages"]["tests"] == {"status": "skipped", "reason": "--skip"}
     # Without the benchmark set, the stages that read it are skipped, saying why.
     monkeypatch.setattr(gpu_stages, "STAGES", [("data", fails, True, False), ("loader", later, True, True)])
     result = {"stages": {}, "figures": {}, "not_in_dry_run": []}
@@ -212,6 +217,23 @@ def test_the_runner_goes_on_after_a_failed_stage(monkeypatch, tmp_path):
         "status": "skipped",
         "reason": "needs the benchmark set (the data stage failed)",
     }
+
+
+def test_hardware_decoder_figure_from_nvml_and_in_words_without_it():
+    def used(gpu: dict):
+        return gpu_stages.figures({"loader": {"results": {}, "gpu": gpu}}).get("nvjpeg_hardware_decoder_used")
+
+    assert used({"jpeg_engine_peak_percent": 37, "gpu_memory_peak_gib": 3.0}) is True
+    assert used({"jpeg_engine_peak_percent": 0}) is False
+    assert used({"jpeg_engine": "unknown: this driver's NVML has no nvmlDeviceGetJpgUtilization"}).startswith("unknown")
+    assert used({"nvml": "no NVML here"}) == "unknown: no NVML here" and used({}) is None
+    from gpu_nvml import Sampler
+
+    with Sampler() as s:  # this machine: NVML or not, sampling never raises
+        pass
+    figures = s.figures()
+    assert "nvml" in figures or "gpu_memory_peak_gib" in figures
+    assert gpu_check.shown("dali_build_share", 0.031) == "3.1%" and gpu_check.shown("x", "unknown: y") == "unknown: y"
 
 
 def test_results_are_read_from_the_stages_outputs(tmp_path):
