@@ -47,7 +47,7 @@ SITECUSTOMIZE = textwrap.dedent(
     sys.path_importer_cache.clear()
     """
 )
-TOP_LEVEL_SKIP = {".git", ".venv", "runs", "data", ".pytest_cache", ".ruff_cache", "build"}
+TOP_LEVEL_SKIP = {".git", ".venv", "runs", "data", "shared", ".pytest_cache", ".ruff_cache", "build"}
 
 
 @pytest.fixture(scope="module")
