@@ -57,13 +57,6 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return choose_amp(amp, device.type, native)
 
 
-def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
-    """The DistributedDataParallel module the trainer steps, also under torch.compile's wrapper
-    (train.distributed.wrap_model compiles DDP, not the other way round)."""
-    inner = getattr(model, "_orig_mod", model)
-    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
-
-
 @dataclass
 class EpochState:
     """What advances inside an epoch; all of it goes into the checkpoint (per rank)."""
@@ -79,6 +72,13 @@ class EpochState:
 
     def reset(self, epoch: int) -> None:
         self.epoch, self.batches, self.loss_sum, self.seen, self.seconds, self.wait_seconds = epoch, 0, 0.0, 0, 0.0, 0.0
+
+
+def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel module the trainer steps, also under torch.compile's wrapper
+    (train.distributed.wrap_model compiles DDP, not the other way round)."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
 
 
 def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

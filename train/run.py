@@ -469,6 +469,7 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
 
 
 def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
+    set_kernel_flags(cfg.deterministic)  # as training: cudnn autotuning and TF32 unless --deterministic
     try:
         ck = ckpt_io.load(cfg.evaluate)
     except ValueError as e:
@@ -478,7 +479,6 @@ def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     cfg.image_size = ck.get("image_size", cfg.image_size)
     cfg.arch, cfg.stem = ck.get("arch", cfg.arch), ck.get("stem", cfg.stem)
     cfg.zero_init_residual = saved.get("zero_init_residual", True)
-    set_kernel_flags(cfg.deterministic)
     _, val_loader = make_loaders(cfg, d, cfg.batch_size)
     num_classes = ck["num_classes"]
     if val_loader.num_classes and val_loader.num_classes != num_classes:
