@@ -202,7 +202,8 @@ def print_table(result: dict) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python3 scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python3 scripts/gpu_check.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="a few minutes: a smaller set, no slow tests, shorter runs")
     ap.add_argument("--dry-run", action="store_true",
                     help="every stage that can run on CPU, tiny and short, on CPU even where there is a GPU")  # fmt: skip

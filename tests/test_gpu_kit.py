@@ -257,3 +257,19 @@ def test_quick_and_full_sets_are_big_enough_to_measure_and_feed_what_training_us
         assert (mode.amp, gpu_stages.FEED_DTYPE[mode.amp], mode.channels_last) == ("bf16", "bfloat16", True)
     photos = len(list(gpu_stages.BUNDLED_PHOTOS.glob("*.JPEG")))
     assert photos >= 20  # the bundled photos: the fallback set is these repeated, never 3 batches an epoch
+
+
+def test_the_ddp_stage_runs_torchrun_and_reads_the_second_epoch(tmp_path):
+    # On CPU (gloo, 2 processes): the stage's own command line and result parsing, as on 2 GPUs.
+    import argparse
+
+    ctx = {"args": argparse.Namespace(photos=None, copies=2), "mode": gpu_stages.MODES["dry-run"],
+           "env": {"cpus": 1, "gpus": 1}, "output": str(tmp_path), "dry_run": True}  # fmt: skip
+    with pytest.raises(gpu_stages.StageSkipped, match="needs 2 GPUs, this machine has 1"):
+        gpu_stages.ddp(ctx)
+    gpu_stages.build_data(ctx)
+    ctx["env"]["gpus"] = 2
+    r = gpu_stages.ddp(ctx)
+    assert r["processes"] == 2 and r["images_per_sec"] > 0 and 0 <= r["data_wait"] <= 1
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["epoch"] == 1
