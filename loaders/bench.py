@@ -296,6 +296,11 @@ def print_table(results: list[dict], title: str) -> None:
         )
     Console(width=160).print(table)
     for r in results:
+        if "pipeline_builds" in r:
+            print(
+                f"{r['backend']}: {r['pipeline_builds']} pipeline builds in {r['pipeline_build_seconds']:.2f} s, "
+                f"{r['build_share']:.1%} of the measured time; {r['threads']} threads"
+            )
         if "cache_bytes_downloaded" in r:
             print(
                 f"{r['backend']}: shard cache downloaded {r['cache_bytes_downloaded'] / 1e6:.1f} MB for "
