@@ -35,6 +35,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.credentials import warn_once
 from flows.download import download_archives
 from flows.params import BuildParams, flow_docstring, flow_signature
 from flows.retry import worth_retrying
@@ -43,6 +44,7 @@ from shards.build_request import BuildRequest
 from shards.lock import OutputLock, output_lock
 from shards.plan import ShardSpec
 from shards.pool import ShardPool
+from shards.redact import redact_url
 from shards.storage import Storage, is_url
 from shards.types import Options, Source
 from shards.write import ShardRecord, write_shard
@@ -334,11 +336,12 @@ def _build_shards(**params) -> dict:
     p = BuildParams(**params).check()
     log = get_run_logger()
     workers, request = p.worker_count(), p.request()
+    warn_once(p.source, log.warning)
     log.info(
         "build-shards %s from %s to %s with %d workers (%s runner)",
         p.dataset,
-        p.source or "(generated)",
-        p.output,
+        redact_url(p.source) if p.source else "(generated)",
+        redact_url(p.output),
         workers,
         p.runner,
     )
@@ -353,15 +356,16 @@ def _build_shards(**params) -> dict:
         log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(job.plan.shards))
         rows = _write_or_reuse(job, p, request.options(), lock, log)
     _report(rows, p.dataset, job, log)
-    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
-    return {"output": job.storage.root, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
+    output = redact_url(job.storage.root)  # the flow's result is stored by the server too
+    log.info("done in %.1fs: %s", time.perf_counter() - start, output)
+    return {"output": output, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
 
 
 def _write_or_reuse(
     job: Prepared, p: BuildParams, options: Options, lock: OutputLock, log: logging.LoggerAdapter
 ) -> list[dict]:
     if job.done is not None:
-        log.info("%s already holds this complete set; nothing to do", job.storage.root)
+        log.info("%s already holds this complete set; nothing to do", redact_url(job.storage.root))
         return summary_rows(job.plan, reused_records(job.plan, job.done), {})
     records, seconds = write_all(job, options, p, log)
     finish_set(quote(job), quote(records), options.image_ext, quote(lock))
@@ -384,7 +388,9 @@ def _report(rows: list[dict], dataset: str, job: Prepared, log: logging.LoggerAd
             r["seconds"],
             r["images_per_sec"],
         )
-    create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
+    create_table_artifact(
+        rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {redact_url(job.storage.root)}"
+    )
 
 
 # The flow's parameters are BuildParams' fields (flows/params.py): its signature, types,

@@ -20,6 +20,7 @@ from shards.cache_root import cache_root
 from shards.checksums import ChecksumError, parse_md5
 from shards.images import VERIFY_LEVELS
 from shards.manifest import IMAGE_EXTS
+from shards.redact import redact_values
 from shards.sources import DATASETS, demo
 from shards.storage import is_url
 from shards.types import Options
@@ -83,7 +84,9 @@ class BuildParams:
     source: str | None = _opt(
         "Where the dataset is: a folder or file, or an http(s):// or s3:// URL (imagenet: of the folder holding "
         "the three archives under their official names; cifar10/imagefolder: of the one archive), downloaded "
-        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo.",
+        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo. "
+        "Credentials: ~/.netrc for http(s), the AWS chain for s3://; those in a URL (user:password@, a presigned "
+        "query) are used only to connect, and shown redacted everywhere.",
         metavar="PATH_OR_URL",
     )
     cache_dir: str | None = _opt(
@@ -286,7 +289,8 @@ class BuildParams:
     def lock_record(self) -> dict:
         """What the output's lock records about this build (for the message another build prints)."""
         keep = ("dataset", "source", "splits", "seed", "shard_size", "shard_samples", "runner")
-        return {k: getattr(self, k) for k in keep}
+        # others read it (a lease object, a second build's message): never a URL's credentials
+        return redact_values({k: getattr(self, k) for k in keep})
 
 
 def flow_signature() -> inspect.Signature:

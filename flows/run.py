@@ -14,8 +14,10 @@ from collections.abc import Iterator
 
 import click
 
+from flows.credentials import hide
 from flows.params import BuildParams
 from flows.server import TemporaryServer, abandon, configured_api_url, prefect_defaults
+from shards.redact import redact_text
 
 
 def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
@@ -29,11 +31,15 @@ def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
     from flows.report import print_summary
 
     ahead = index_ahead(params)
+    # The server stores the flow's parameters as given: it gets the redacted source, and the
+    # download task finds the real one in this process (flows/credentials.py).
+    kwargs = params.flow_kwargs() | {"source": hide(params.source)}
     try:
         with _using(server), indexed_ahead(ahead):
-            result = build_shards(**params.flow_kwargs())
+            result = build_shards(**kwargs)
     except Exception as e:  # the flow's logs already hold the traceback; end with one line
-        click.echo(f"error: build-shards failed: {type(e).__name__}: {e}", err=True)
+        reason = redact_text(str(e), params.source, params.output)
+        click.echo(f"error: build-shards failed: {type(e).__name__}: {reason}", err=True)
         return 1, server
     print_summary(result)
     return 0, server

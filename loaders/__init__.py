@@ -84,6 +84,7 @@ from loaders.api import Loader, make_loader
 from loaders.cache import CacheError
 from loaders.common import DTYPES, IMAGENET_MEAN, IMAGENET_STD, DecodeError
 from loaders.pixels import batch_grid
+from shards.redact import redact_text, redact_url, redact_values
 
 __all__ = [
     "DTYPES",
@@ -94,4 +95,7 @@ __all__ = [
     "Loader",
     "batch_grid",
     "make_loader",
+    "redact_text",
+    "redact_url",
+    "redact_values",
 ]

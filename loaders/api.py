@@ -308,7 +308,8 @@ def open_cache(
     """A shard cache for a remote set (None for local shards); each shard's index then reads from it."""
     if not any(is_url(s.url) for s in shards):
         return None  # local shards are read in place
-    root = shards[0].url.rsplit("/", 1)[0]
+    # the set's folder, without a query: a token there names no other set (and is no folder name)
+    root = shards[0].url.partition("?")[0].rsplit("/", 1)[0]
     folder = os.fspath(folder) if folder is not None else default_folder(root)
     cache = ShardCache(
         [Remote(s.url, s.bytes, s.sha256) for s in shards],

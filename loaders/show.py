@@ -17,6 +17,7 @@ import torch
 from loaders.api import Loader, make_loader
 from loaders.common import DecodeError
 from loaders.pixels import batch_grid
+from shards.redact import redact_text
 
 MIN_CELL = 128  # small crops (CIFAR's 32 px) are enlarged to this, so they and their captions can be read
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         images, labels, valid, keys = first_batch(loader)
     except (ValueError, OSError, ImportError, DecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e), *args.spec)}", file=sys.stderr)
         return 2
     captions = captions_for(labels, keys, loader.classes)
     padding = (~valid).tolist()

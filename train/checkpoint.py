@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loaders import redact_values
 from train.distributed import Dist, gather_objects
 from train.engine import EPOCH_SUMS, EpochState
 from train.recipe import MixupCutmix, ModelEma
@@ -387,6 +388,8 @@ class Checkpointer:
 
     def __init__(self, folder: str, parts: Stateful, dist: Dist, meta: dict, minutes: float, t_start: float) -> None:
         self.last_path, self.best_path = os.path.join(folder, LAST), os.path.join(folder, BEST)
+        # a checkpoint travels (copied, shared, uploaded): its recorded config has no URL's credentials
+        meta = {**meta, "config": redact_values(meta["config"])} if "config" in meta else meta
         self.parts, self.dist, self.meta, self.minutes = parts, dist, meta, minutes
         self.t_start = t_start  # time.time() at the start of this process, less a resumed run's seconds
         self._saved_at = time.monotonic()

@@ -10,6 +10,7 @@ checkpoints -> summary.json.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from loaders import CacheError, DecodeError, make_loader
+from loaders import CacheError, DecodeError, make_loader, redact_text
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
@@ -50,18 +51,30 @@ def main(argv: list[str] | None = None) -> int:
             return overfit(cfg, d)
         return evaluate_only(cfg, d) if cfg.evaluate else train(cfg, d)
     except (SetupError, NonFiniteLoss, DecodeError, CacheError) as e:
-        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {e}", file=sys.stderr)
+        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {redact_text(str(e))}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     finally:
+        close_loaders()
         distributed.teardown()
 
 
 # -- setup --------------------------------------------------------------------------------------
 
 
+_open_loaders: list = []  # every loader this process made, closed by close_loaders()
+
+
+def close_loaders() -> None:
+    """Close every loader while CUDA and the process group are still up: DALI GPU pipelines left
+    to interpreter teardown can abort the process after it has printed its results."""
+    while _open_loaders:
+        _open_loaders.pop().close()
+    gc.collect()  # a pipeline held in a reference cycle goes now, not at teardown
+
+
 def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: int, split: str | None):
     try:
-        return make_loader(
+        loader = make_loader(
             spec,
             split=split,
             batch_size=batch_size,
@@ -80,6 +93,8 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
     except (ValueError, OSError, ImportError, CacheError) as e:
         which = "training" if train else "validation"
         raise SetupError(f"{which} data: {e}") from None
+    _open_loaders.append(loader)
+    return loader
 
 
 def make_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
@@ -149,11 +164,22 @@ def seed_everything(cfg: Config) -> None:
     random.seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = not cfg.deterministic
-    torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+    set_kernel_flags(cfg.deterministic)
+
+
+def set_kernel_flags(deterministic: bool) -> None:
+    """cudnn autotuning and TF32 matmuls/convolutions, unless --deterministic: training and --evaluate alike."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def seed_rank(cfg: Config, d: distributed.Dist) -> None:
+    """Each rank its own torch stream from here on (dropout masks, stochastic depth), mixed from
+    (seed, rank) as the mixup seed is. Called after the model and its EMA are built, so every
+    rank starts from the same weights; a world of one keeps the single-process stream."""
+    if d.enabled:
+        torch.manual_seed(cfg.seed * 1000 + d.rank)
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -196,17 +222,6 @@ def resume(
     reporter.rewrite_metrics(progress.history)
     reporter.log(f"resumed from {path} at epoch {state.epoch}, batch {state.batches}/{batches}")
     return state, progress
-
-
-def wrap(cfg: Config, d: distributed.Dist, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the model the trainer steps: compiled, then DDP; the model evaluation runs: compiled)."""
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model
-    if d.enabled:
-        kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **kw)
-    return model, eval_model
 
 
 def log_step(reporter: Reporter, every: int, st: EpochState, loss: torch.Tensor, group: int) -> None:
@@ -290,9 +305,10 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     model = make_model(cfg, d, num_classes)
     amp = resolve_amp(cfg.amp, d.device)
     recipe = make_recipe(cfg, d, model, num_classes, len(train_loader), amp)
+    seed_rank(cfg, d)
     parts = ckpt_io.Stateful(model, recipe.optimizer, recipe.scaler, recipe.ema, recipe.mixing, train_loader)
     state, progress = resume(cfg, d, parts, recipe, num_classes, reporter)
-    train_model, eval_model = wrap(cfg, d, model)
+    train_model, eval_model = distributed.wrap_model(model, d, compile=bool(cfg.compile))
     trainer = Trainer(
         model=train_model,
         optimizer=recipe.optimizer,
@@ -422,6 +438,7 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
 
 
 def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
+    set_kernel_flags(cfg.deterministic)  # as training: cudnn autotuning and TF32 unless --deterministic
     try:
         ck = ckpt_io.saved(ckpt_io.load(cfg.evaluate))
     except ValueError as e:
