@@ -478,6 +478,9 @@ class DaliBackend:
         if kept is not None and (kept[0] != key or plan.batches < self.opts.prefetch_queue_depth):
             kept = None  # another plan, or a short one whose last pass left batches queued
         source = kept[2] if kept is not None else CachedInput(self.shards) if self.remote else None
+        for other in list(self._inputs):  # an epoch stopped but not collected: the cache reads one at a time
+            other.end()
+            self._inputs.discard(other)
         if source is not None:
             # Before the build: the first shards' downloads overlap it.
             source.begin(plan, EpochReads(self.spec.cache, plan))
@@ -552,5 +555,6 @@ class DaliBackend:
         self._kept = None
         for source in list(self._inputs):  # an epoch stopped but not yet collected
             source.end()
+        self._inputs.clear()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._tmp)

@@ -144,3 +144,31 @@ def test_an_old_dali_is_refused_in_one_line_naming_both_versions():
     assert "1.52.0" in msg and "2.0 or newer" in msg and "\n" not in msg
     for fine in ("2.0.0", "2.4.0", "2.5.0.dev20260101", "10.1"):
         check_dali_version(fine)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_gpu_graph_fed_from_the_cache_is_defined_without_a_gpu(local_set, train):
+    # DALI checks every operator argument while the graph is defined: the mixed decoder and the
+    # GPU operators after it take the cache's external source as they take the webdataset reader.
+    from nvidia.dali import types
+
+    from loaders.dali import CachedInput, DaliOptions, image_pipeline
+    from loaders.spec import open_shards
+
+    shards, _ = open_shards(local_set, split="train")
+    pipe = image_pipeline(
+        [],
+        [],
+        train=train,
+        image_size=224,
+        gpu=True,
+        out_dtype=types.FLOAT16,
+        layout="HWC",
+        opts=DaliOptions(),
+        source=CachedInput(shards),
+        batch_size=8,
+        num_threads=4,
+        device_id=0,
+        seed=1,
+    )
+    assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]
