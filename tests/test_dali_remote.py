@@ -172,3 +172,36 @@ def test_the_gpu_graph_fed_from_the_cache_is_defined_without_a_gpu(local_set, tr
         seed=1,
     )
     assert [node.device for node in pipe._graph_out] == ["gpu", "gpu"]
+
+
+def test_a_one_batch_remote_eval_equals_local_disk_every_pass(local_set, s3, tmp_path):
+    # one batch, a queue of 2: the pipeline's first prefetch asks past the plan's end
+    kw = dict(train=False, batch_size=24, drop_last=False)
+    remote = loader(SPEC, cache_dir=tmp_path / "cache", **kw)
+    expect = read(loader(local_set, **kw))
+    assert len(expect) == 1
+    for _ in range(2):
+        remote.set_epoch(0)
+        assert_same(read(remote), expect)
+    remote.close()
+
+
+def test_an_undecodable_image_in_a_remote_set_is_named(local_set, s3, tmp_path):
+    from loaders import DecodeError
+    from loaders.spec import parse_index
+
+    # No manifest (so no sha256 to refuse the damaged copy): the bare shards of the val split,
+    # sample 2 of shard 001 garbled.
+    client = boto3.client("s3", endpoint_url=s3)
+    for p in local_set.glob("photos-val-*"):
+        body = p.read_bytes()
+        if p.name == "photos-val-001.tar":
+            offset = int(parse_index((local_set / "photos-val-001.idx").read_text(), "x").image_offset[2])
+            body = body[:offset] + b"not a jpeg" * 200 + body[offset + 2000 :]
+        client.put_object(Bucket=BUCKET, Key=f"bare/{p.name}", Body=body)
+    key = (local_set / "photos-val-001.idx").read_text().splitlines()[3].split()[3].split(".")[0]
+    ld = loader(f"s3://{BUCKET}/bare/photos-val-{{000..007}}.tar", train=False, cache_dir=tmp_path / "cache")
+    with pytest.raises(DecodeError) as e:
+        read(ld)
+    assert "photos-val-001.tar" in str(e.value) and key in str(e.value)
+    ld.close()
