@@ -108,6 +108,24 @@ def test_resume_mid_epoch_from_a_remote_set_equals_the_uninterrupted_epoch(local
     local.close()
 
 
+def test_an_elastic_resume_on_a_remote_set_equals_local_disk(local_set, s3, tmp_path):
+    # a state taken by rank 1 of 2, taken up by one rank with another batch size: the rest of
+    # the epoch from s3:// as from local disk, pixel for pixel
+    two = loader(local_set, rank=1, world_size=2, batch_size=3, drop_last=False)
+    two.set_epoch(1)
+    read(two, 2)
+    state = two.state_dict()
+    remote = loader(SPEC, cache_dir=tmp_path / "cache", cache_limit=limit_below_the_set(local_set), batch_size=5)
+    local = loader(local_set, batch_size=5)
+    for ld in (remote, local):
+        ld.load_state_dict(state)
+    got, expect = read(remote), read(local)
+    assert len(got) > 3
+    assert_same(got, expect)
+    for ld in (two, remote, local):
+        ld.close()
+
+
 def test_remote_eval_pipeline_is_built_once_and_equals_local_disk(local_set, s3, tmp_path):
     kw = dict(train=False, batch_size=5)
     remote = loader(SPEC, cache_dir=tmp_path / "cache", cache_limit=limit_below_the_set(local_set, "val"), **kw)
