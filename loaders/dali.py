@@ -413,6 +413,12 @@ class DaliBackend:
         self.hints: dict | None = gpu_decoder_hints(self.shards, self.opts) if self.gpu and not self.remote else None
         self.builds: list[float] = []  # seconds each pipeline build took, from its sub-indexes to pipe.build()
 
+    def set_image_size(self, size: int) -> None:
+        """A new output size. The train pipeline is built per epoch anyway (its sub-indexes are the
+        epoch's plan), so it just takes the size; a kept eval pipeline of another size goes."""
+        if size != self.spec.image_size:
+            self.spec.image_size, self._kept = size, None
+
     def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
         """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
         for name in os.listdir(self._tmp):

@@ -285,6 +285,13 @@ class TorchBackend:
             if reads is not None:
                 reads.close()
 
+    def set_image_size(self, size: int) -> None:
+        """A new output size: the persistent workers hold a copy of the dataset, so they are
+        stopped and the next epoch forks new ones (once per size change, not per epoch)."""
+        if size != self.dataset.size:
+            self.close()
+            self.dataset.size = size
+
     def close(self) -> None:
         """Stop the persistent workers now, rather than leave them to the garbage collector (which,
         at interpreter exit, tears them down in an order that reports them as exited unexpectedly)."""
