@@ -32,7 +32,7 @@ NON_DEFAULTS = {
     "preset": "cifar10-resnet18", "output": "runs/x", "no_auto_resume": None, "checkpoint_minutes": "3",
     "deterministic": None, "seed": "9", "log_every": "7", "progress": "never", "overfit_batches": "3",
     "overfit_steps": "50", "cache_dir": "/tmp/shard-cache", "cache_limit": "20GB",
-    "eval_image_size": "64", "tta": "flip",
+    "eval_image_size": "64", "tta": "flip", "auto_augment": "randaugment", "random_erasing": "0.25",
 }  # fmt: skip
 # each tested by its own checks (the ramp's two flags in tests/test_resolution.py: they go together)
 NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "min_image_size", "ramp_epochs"}

@@ -192,6 +192,17 @@ class Config:
         type=int,
         metavar="PX",
     )
+    auto_augment: str = _opt(
+        "training augmentation after the crop and flip, with timm's semantics: randaugment (2 ops at magnitude 9 of 10) or trivialaugment (one op, random magnitude); inside the DALI graph on the dali backend (GPU or CPU), torchvision v2 on pytorch; seeded per sample like the crops",
+        "none",
+        choices=["none", "randaugment", "trivialaugment"],
+    )
+    random_erasing: float = _opt(
+        "training: probability P of erasing one rectangle (2%%..1/3 of the image, aspect 0.3..3.3) with the mean colour, as timm's RandomErasing; 0 disables",
+        0.0,
+        type=float,
+        metavar="P",
+    )
     tta: str = _opt(
         "test-time augmentation: flip = validation averages the logits of each image and its mirror",
         "none",
@@ -538,6 +549,8 @@ def _check_sizes(cfg: Config) -> None:
             raise ConfigError(
                 f"--min-image-size must be in 16..--image-size ({cfg.image_size}), not {cfg.min_image_size}"
             )
+    if not 0 <= cfg.random_erasing <= 1:
+        raise ConfigError(f"--random-erasing is a probability in [0, 1], not {cfg.random_erasing}")
     if cfg.eval_image_size is not None and cfg.eval_image_size < 16:
         raise ConfigError(f"--eval-image-size must be at least 16 px, not {cfg.eval_image_size}")
 

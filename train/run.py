@@ -92,6 +92,7 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
             channels_last=cfg.channels_last,
             cache_dir=cfg.cache_dir,
             cache_limit=cfg.cache_limit,
+            options=dict(auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing) if train else None,
         )
     except (ValueError, OSError, ImportError, CacheError) as e:
         which = "training" if train else "validation"
