@@ -144,8 +144,16 @@ class Downloader:
             raise Closed()
 
     # -- the whole file --------------------------------------------------------------------------
-    def download(self, local: Local, final: str, res: Reservation, awaited: Callable[[], bool]) -> None:
-        """Into res's .part, then (size and sha256 right) renamed to `final`; else once more, then fail."""
+    def download(
+        self,
+        local: Local,
+        final: str,
+        res: Reservation,
+        awaited: Callable[[], bool],
+        check: Callable[[str], None] | None = None,
+    ) -> None:
+        """Into res's .part, then (size and sha256 right, and `check(part)` passed) renamed to `final`;
+        a mismatch downloads once more, then fails."""
         remote, part = local.remote, res.part(self.folder.path)
         for attempt in (1, 2):
             try:
@@ -160,6 +168,8 @@ class Downloader:
                 local = Local(remote, local.tag, local.size)  # pinned again, to the new version
                 continue
             if got == local.size and (remote.sha256 is None or digest == remote.sha256):
+                if check is not None:
+                    check(part)  # before the rename: a file in place is one a reader may trust
                 self.folder.land(res, final)
                 return
             what = (

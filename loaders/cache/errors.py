@@ -9,6 +9,10 @@ class CacheError(RuntimeError):
     """The cache cannot provide a shard; the message is one line naming the (redacted) URL or the folder."""
 
 
+class DiskFull(CacheError):
+    """The cache folder's disk is full and nothing in it may be evicted."""
+
+
 class Closed(Exception):
     """The cache was closed while a download or a wait was under way: stop quietly."""
 

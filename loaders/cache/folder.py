@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from loaders.cache.errors import CacheError, one_line
+from loaders.cache.errors import CacheError, DiskFull, one_line
 
 log = logging.getLogger("loaders.cache")
 
@@ -258,7 +258,15 @@ class CacheFolder:
         with self._ledger() as records:
             os.replace(res.part(self.path), final)
             records.pop(res.token, None)
+            self._remove_old_versions(res.name)
             self.peak = max(self.peak, sum(self._files(records).values()) + sum(r["bytes"] for r in records.values()))
+
+    def _remove_old_versions(self, name: str) -> None:
+        """The set was rebuilt: the old copy of this file goes once the new one is here (unless pinned)."""
+        stem = name.partition(".")[2]
+        for e in os.listdir(self.path):
+            if e != name and PART not in e and not e.startswith(".") and e.partition(".")[2] == stem:
+                self.remove_unpinned(e)
 
     def cancel(self, res: Reservation) -> None:
         with self._ledger() as records:
@@ -301,9 +309,9 @@ class CacheFolder:
         finally:
             pin.close()
 
-    def full_error(self, stem: str, need: int) -> CacheError:
+    def full_error(self, stem: str, need: int) -> DiskFull:
         free = shutil.disk_usage(self.path).free
-        return CacheError(
+        return DiskFull(
             f"shard cache {self.path} is full: {stem} needs {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free there "
             "and nothing left to evict (free space, or lower --cache-limit / cache_limit)"
         )
