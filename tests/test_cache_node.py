@@ -85,7 +85,7 @@ def test_eight_ranks_share_one_cache_within_the_budget_with_local_disk_labels(lo
     folder = tmp_path / "cache"
     sizes = [e["bytes"] for e in entries(local_set, "train")]
     index_bytes = sum(p.stat().st_size for p in local_set.glob("*.idx"))
-    limit = index_bytes + sum(sizes) // 2  # half the set: every epoch evicts and downloads again
+    limit = index_bytes + 9 * max(sizes)  # about half the 16 shards (the least 8 ranks may use is 8)
     budget = limit + 2 * max(sizes)
     peak, stop = [0], threading.Event()
 
@@ -130,8 +130,8 @@ def test_eight_ranks_share_one_cache_within_the_budget_with_local_disk_labels(lo
         assert res["labels"] == want, r
         assert res["peak"] <= budget, (r, res["peak"], budget)
     assert 0 < peak[0] <= budget, (peak[0], budget)
-    # each epoch downloads what the half-size cache cannot keep, no shard twice in one epoch per node
-    assert sum(r["misses"] for r in results) <= 2 * len(sizes)
+    # each epoch downloads what the cache cannot keep; every shard crossed the wire at most once an epoch
+    assert len(sizes) <= sum(r["misses"] for r in results) <= 2 * len(sizes)
 
 
 def plan(shards: list[int]) -> EpochPlan:
