@@ -188,6 +188,7 @@ class Downloader:
             with contextlib.ExitStack() as urgent:
                 marked: list[bool] = []
                 self._preallocate(fd, local)
+                self.on_bytes(local.name, 0, local.size)  # in flight from now (the waiting reader's report)
                 for chunk in self._chunks(local, lambda: self._yield_wire(local, awaited, urgent, marked)):
                     sha.update(chunk)
                     self._write(fd, chunk, local, local.size - done)
