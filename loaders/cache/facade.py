@@ -35,6 +35,10 @@ log = logging.getLogger("loaders.cache")
 # the cache already holds), so training never fills the disk it shares with checkpoints and logs.
 DEFAULT_FREE_SHARE = 0.8
 IN_FLIGHT = 2  # prefetch downloads at once per process (the node's budget bounds them by bytes)
+# How far a rank prefetches ahead of its reader, in the largest shard's size. Deeper prefetch
+# evicts too early: a shard kept for later (the next epoch) goes for one needed soon, where waiting
+# would have let a shard read meanwhile go instead (more bytes for the same hits).
+AHEAD_SHARDS = 2
 POLL_S = 0.05  # how often a waiter looks at another process's lock or at freed space
 TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)  # distinct classes before Python 3.11
 
@@ -123,6 +127,7 @@ class ShardCache:
         self._pins: dict[int, tuple[int, Flock]] = {}  # shard -> (holds, its shared pin lock)
         self._wanted: set[str] = set()  # local names get() waits for in this process
         self._jobs: dict[int, Future] = {}  # shard -> its latest fetch in this process
+        self._horizon = -1.0  # batches ahead the prefetch window reaches: trim() keeps what it fetched
         self._pool = ThreadPoolExecutor(self.in_flight + 2, thread_name_prefix="shard-cache")
         self._prefetcher = threading.Thread(target=self._prefetch_loop, name="shard-cache-prefetch", daemon=True)
         if self.in_flight:  # 0: only what the reader asks for (tests that need one order of events)
@@ -213,7 +218,7 @@ class ShardCache:
                 self._unpin(shard)
             self._changed.notify_all()
         if shard is not None and not self._closed:
-            self.store.trim()
+            self.store.trim(self._horizon)
 
     def end_epoch(self) -> None:
         """Drop every pin the epoch still holds (at its end, or when the reader stopped early); the
@@ -226,7 +231,7 @@ class ShardCache:
             self._now = self._runs[-1].last + 1 if self._runs else self._now
             self._changed.notify_all()
         if not self._closed:
-            self.store.trim()
+            self.store.trim(self._horizon)
 
     def close(self) -> None:
         with self._mutex:
@@ -281,8 +286,10 @@ class ShardCache:
                     self._changed.wait(timeout=0.2)
 
     def _prefetch_round(self) -> None:
-        share = self.limit // max(1, self.local_ranks)
+        largest = max((t.size for t in self.tars), default=0)
+        share = min(self.limit // max(1, self.local_ranks), AHEAD_SHARDS * largest)
         ahead, seen = 0, set()
+        self._horizon = -1.0
         for run in self._ahead():
             s = run.shard
             if s in seen:
@@ -291,6 +298,7 @@ class ShardCache:
             ahead += self.tars[s].size
             if ahead > share and len(seen) > 1:
                 return
+            self._horizon = max(self._horizon, self._node.next_use(s, self._now))
             with self._mutex:
                 job = self._jobs.get(s)
                 busy = sum(1 for f in self._jobs.values() if not f.done())

@@ -212,23 +212,24 @@ class CacheFolder:
 
     # -- admission, landing, eviction ----------------------------------------------------------
     def reserve(self, name: str, size: int, next_use: float, awaited: bool) -> Reservation | None:
-        """Room for a download of `size` bytes, evicting files needed later than `next_use`; None: no
-        room now (a prefetch gives up, a waiting reader asks again). A waited-for shard may go over
-        the limit by up to EXCESS_SHARDS of the largest shards, node-wide."""
+        """Room for a download of `size` bytes; None: no room now (a prefetch gives up, a waiting
+        reader asks again). Downloads (and what they brought that no reader has let go of yet) may
+        take the folder above the limit by EXCESS_SHARDS of the largest shards, node-wide; past that,
+        only files needed later than `next_use` are evicted. trim() brings it back under the limit
+        once the readers release what they read, taking the file needed furthest ahead: deciding
+        then, not when the download starts, keeps a shard that is needed again soon."""
         with self._ledger() as records:
             files = self._files(records)
             used = sum(files.values()) + sum(r["bytes"] for r in records.values())
             self.peak = max(self.peak, used)
-            if used + size > self.limit:
-                used -= self._evict(files, used + size - self.limit, later_than=next_use)
-            if used + size <= self.limit:
-                excess = False
-            elif awaited and (used + size <= self.limit + EXCESS_SHARDS * self.largest or self._stuck(name, records)):
-                excess = True
-            else:
+            cap = self.limit + EXCESS_SHARDS * self.largest
+            if used + size > cap:
+                used -= self._evict(files, used + size - cap, later_than=next_use)
+            if used + size > cap and not (awaited and self._stuck(name, records)):
                 return None
             self._stuck_since.pop(name, None)
             token = f"{self.owner}-{next(self._serial)}"
+            excess = used + size > self.limit
             records[token] = {"name": name, "bytes": size, "owner": self.owner, "excess": excess}
             self.peak = max(self.peak, used + size)
             return Reservation(token, name, size, excess)
@@ -273,13 +274,14 @@ class CacheFolder:
             if res.token in records:
                 self._drop(records, res.token)
 
-    def trim(self) -> None:
-        """Back under the limit once readers let go of what they held past it."""
+    def trim(self, keep_within: float = -1) -> None:
+        """Back under the limit once readers let go of what they held past it; files needed within
+        `keep_within` batches (prefetched for the reader, part of the downloads' excess) stay."""
         with self._ledger() as records:
             files = self._files(records)
             over = sum(files.values()) + sum(r["bytes"] for r in records.values()) - self.limit
             if over > 0:
-                self._evict(files, over, later_than=-1)
+                self._evict(files, over, later_than=keep_within)
 
     def make_space(self, need: int) -> int:
         """The disk is full: evict what may go (any file no one pins), furthest next use first."""
@@ -296,6 +298,7 @@ class CacheFolder:
             if self.remove_unpinned(name):
                 freed += files.pop(name)
                 self.evicted += 1
+                log.debug("evicted %s (next use in %s batches; needed: later than %s)", name, nxt, later_than)
         return freed
 
     def remove_unpinned(self, name: str) -> bool:
