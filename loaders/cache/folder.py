@@ -45,6 +45,7 @@ log = logging.getLogger("loaders.cache")
 LOCKS, WANTED, URGENT = ".locks", ".wanted", ".urgent"
 LEDGER, LEDGER_LOCK = ".ledger.json", ".ledger.lock"
 PART = ".part-"
+LEDGER_BYTES = 64 << 10  # the ledger's preallocated size (a reservation takes about 150 bytes)
 EXCESS_SHARDS = 2  # downloads a waiting reader may take above the limit, in the largest shard's size
 STUCK_S = 5.0  # a waited-for shard with no room, nothing evictable and nothing in flight, for this long
 
@@ -144,23 +145,34 @@ class CacheFolder:
     # -- the ledger ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _ledger(self) -> Iterator[dict[str, dict]]:
-        """The node's reservations (token -> record), under the node-wide lock; written back after."""
+        """The node's reservations (token -> record), under the node-wide lock; written back after.
+
+        Written in place into blocks allocated up front (LEDGER_BYTES, padded with spaces), so a
+        disk the shards filled can still record the evictions that make room on it."""
         lock = Flock(os.path.join(self.path, LEDGER_LOCK)).lock(fcntl.LOCK_EX)
         try:
-            path = os.path.join(self.path, LEDGER)
+            fd = os.open(os.path.join(self.path, LEDGER), os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o666)
             try:
-                with open(path) as f:
-                    records = json.load(f)
-            except (FileNotFoundError, ValueError):
-                records = {}
-            before = json.dumps(records, sort_keys=True)
-            self._drop_dead(records)
-            yield records
-            text = json.dumps(records, sort_keys=True)
-            if text != before:
-                with open(path + ".tmp", "w") as f:
-                    f.write(text)
-                os.replace(path + ".tmp", path)
+                size = os.fstat(fd).st_size
+                raw = os.pread(fd, size, 0).decode(errors="replace").strip() if size else ""
+                try:
+                    records = json.loads(raw) if raw else {}
+                except ValueError:
+                    records = {}  # a writer died mid-write: its reservations go with it
+                before = json.dumps(records, sort_keys=True)
+                self._drop_dead(records)
+                yield records
+                text = json.dumps(records, sort_keys=True)
+                if text != before:
+                    data = text.encode()
+                    room = max(size, LEDGER_BYTES)
+                    while room < len(data):
+                        room *= 2
+                    if room > size:
+                        os.posix_fallocate(fd, 0, room)
+                    os.pwrite(fd, data.ljust(room), 0)
+            finally:
+                os.close(fd)
         finally:
             lock.close()
 
