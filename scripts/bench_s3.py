@@ -96,18 +96,9 @@ def read_epochs(cfg: dict, queue) -> None:
         raise
 
 
-def spawn(cfgs: list[dict], watch: str | None = None) -> tuple[list[dict], int]:
-    """read_epochs for each cfg in its own spawned process, all at once; (results, peak bytes of `watch`)."""
+def spawn(cfgs: list[dict]) -> list[dict]:
+    """read_epochs for each cfg in its own spawned process, all at once; their results."""
     ctx = mp.get_context("spawn")
-    peak, stop = [0], threading.Event()
-    if watch:
-        os.makedirs(watch, exist_ok=True)
-
-        def sample() -> None:
-            while not stop.wait(0.02):
-                peak[0] = max(peak[0], folder_bytes(watch))
-
-        threading.Thread(target=sample, daemon=True).start()
     runs = []
     for cfg in cfgs:
         q = ctx.Queue()
@@ -117,11 +108,10 @@ def spawn(cfgs: list[dict], watch: str | None = None) -> tuple[list[dict], int]:
     out = [q.get(timeout=3600) for _, q in runs]
     for p, _ in runs:
         p.join(60)
-    stop.set()
     errors = [r["error"] for r in out if "error" in r]
     if errors:
         raise SystemExit(f"a rank failed: {errors[0]}")
-    return out, peak[0]
+    return out
 
 
 def per_epoch_rates(ranks: list[dict]) -> list[float]:
@@ -132,6 +122,27 @@ def per_epoch_rates(ranks: list[dict]) -> list[float]:
         span = max(x["end"] for x in eps) - min(x["start"] for x in eps)
         rates.append(sum(x["images"] for x in eps) / span)
     return rates
+
+
+def node_floor(counts: list[int], sizes: list[int], ranks: range, common: dict, world: int, facts: dict) -> list[int]:
+    """The least bytes a node's cache of that limit must download each epoch: the cold epoch every
+    shard its ranks touch (and the indexes); a later one what it touches minus what it could have
+    kept from the epoch before (shards touched in both, up to the limit)."""
+    from loaders.sharding import plan_epoch
+
+    touched = []
+    for e in range(common["epochs"]):
+        shards: set[int] = set()
+        for r in ranks:
+            p = plan_epoch(counts, batch_size=common["batch_size"], rank=r, world_size=world, seed=0, epoch=e,
+                           drop_last=True)  # fmt: skip
+            shards |= set(p.shard.tolist())
+        touched.append(shards)
+    floor = [sum(sizes[s] for s in touched[0]) + facts["idx_bytes"]]
+    for e in range(1, len(touched)):
+        keep = min(facts["limit"] - facts["idx_bytes"], sum(sizes[s] for s in touched[e] & touched[e - 1]))
+        floor.append(sum(sizes[s] for s in touched[e]) - keep)
+    return floor
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -165,9 +176,8 @@ def run_mode(mode: str, backend: str, common: dict, local: Path, tmp: str, facts
     world = sum(n for n, _ in groups)
     lws = groups[0][0] if len(groups) > 1 else None
     ranks = [dict(common, backend=backend, rank=r, world_size=world) for r in range(world)]
-    base, _ = spawn([dict(c, spec=str(local)) for c in ranks])
+    base = spawn([dict(c, spec=str(local)) for c in ranks])
     results: dict = {"local_img_s": [round(x, 1) for x in per_epoch_rates(base)]}
-    remote, peaks = [], []
     cfgs, watched = [], []
     for g, (n, _node) in enumerate(groups):
         folder = str(Path(tmp, f"cache-{mode}-{backend}-{g}"))
@@ -189,39 +199,41 @@ def run_mode(mode: str, backend: str, common: dict, local: Path, tmp: str, facts
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    remote, _ = spawn(cfgs)
+    remote = spawn(cfgs)
     stop.set()
     t.join()
     peaks = ctx_peaks
     rates = per_epoch_rates(remote)
     results["s3_img_s"] = [round(x, 1) for x in rates]
-    set_mb, floor_cold, floor_warm = facts["set_bytes"], facts["floor_cold"], facts["floor_warm"]
-    images = sum(x["images"] for x in (r["epochs"][0] for r in remote))
-    per_node = len(groups)
-    # what the wire allows: the epoch's floor bytes (per node, nodes in parallel on their own wires)
-    wire_cold = images / (floor_cold / bw) if floor_cold else math.inf
-    wire_warm = images / (floor_warm / bw) if floor_warm else math.inf
-    results["wire_cold_img_s"] = round(wire_cold * per_node if per_node > 1 else wire_cold, 1)
-    results["wire_warm_img_s"] = round(wire_warm * per_node if per_node > 1 else wire_warm, 1)
-    lim_cold = min(results["local_img_s"][0], results["wire_cold_img_s"])
-    warm_local = sum(results["local_img_s"][1:]) / max(1, len(rates) - 1)
-    lim_warm = min(warm_local, results["wire_warm_img_s"])
-    warm_s3 = sum(rates[1:]) / max(1, len(rates) - 1)
-    results["cold_vs_limit"] = round(rates[0] / lim_cold, 3)
-    results["warm_vs_limit"] = round(warm_s3 / lim_warm, 3) if len(rates) > 1 else None
-    epochs = len(rates)
-    got = sum(r["epochs"][-1]["downloaded"] for r in remote)
-    floor = per_node * (floor_cold + (epochs - 1) * floor_warm)
+    floors = [
+        node_floor(facts["counts"], facts["sizes"], range(g * n, (g + 1) * n), common, world, facts)
+        for g, (n, _node) in enumerate(groups)
+    ]
+    # what the wire allows: the epoch's images over the floor bytes at the cap (one proxy: the
+    # two nodes of two-nodes share its one wire)
+    wire = [rates_images(remote, e) / (sum(f[e] for f in floors) / bw) for e in range(len(rates))]
+    results["wire_img_s"] = [round(w, 1) for w in wire]
+    limits = [min(lo, w) for lo, w in zip(results["local_img_s"], wire, strict=True)]
+    results["cold_vs_limit"] = round(rates[0] / limits[0], 3)
+    if len(rates) > 1:
+        results["warm_vs_limit"] = round(sum(rates[1:]) / sum(limits[1:]), 3)
+    got = [sum(r["epochs"][-1]["downloaded"] for r in remote[g * n : (g + 1) * n]) for g, (n, _) in enumerate(groups)]
+    floor = [sum(f) for f in floors]
     results.update(
-        downloaded_mb=round(got / 1e6, 1),
-        floor_mb=round(floor / 1e6, 1),
-        bytes_vs_floor=round(got / floor, 3),
+        downloaded_mb=[round(x / 1e6, 1) for x in got],
+        floor_mb=[round(x / 1e6, 1) for x in floor],
+        bytes_vs_floor=[round(x / f, 3) for x, f in zip(got, floor, strict=True)],
+        share_of_set_per_epoch=[round(x / len(rates) / facts["set_bytes"], 3) for x in got],
         peak_mb=[round(p / 1e6, 1) for p in peaks],
         limit_mb=round(facts["limit"] / 1e6, 1),
         limit_plus_2_largest_mb=round((facts["limit"] + 2 * facts["largest"]) / 1e6, 1),
-        set_mb=round(set_mb / 1e6, 1),
+        set_mb=round(facts["set_bytes"] / 1e6, 1),
     )
     return results
+
+
+def rates_images(ranks: list[dict], epoch: int) -> int:
+    return sum(r["epochs"][epoch]["images"] for r in ranks)
 
 
 def main() -> None:
@@ -262,8 +274,9 @@ def main() -> None:
             "limit": limit,
             "largest": largest,
             "set_bytes": set_bytes,
-            "floor_cold": set_bytes + idx_bytes,  # every shard once (a node reads them all each epoch)
-            "floor_warm": max(0, set_bytes - (limit - idx_bytes)),  # what the limit cannot keep
+            "idx_bytes": idx_bytes,
+            "counts": [s["samples"] for s in shards],
+            "sizes": [s["bytes"] for s in shards],
         }
         results["set"] = {
             "samples": m["splits"]["train"]["samples"],
