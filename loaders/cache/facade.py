@@ -35,9 +35,9 @@ log = logging.getLogger("loaders.cache")
 # the cache already holds), so training never fills the disk it shares with checkpoints and logs.
 DEFAULT_FREE_SHARE = 0.8
 IN_FLIGHT = 2  # prefetch downloads at once per process (the node's budget bounds them by bytes)
-# How far a rank prefetches ahead of its reader, in the largest shard's size. Deeper prefetch
-# evicts too early: a shard kept for later (the next epoch) goes for one needed soon, where waiting
-# would have let a shard read meanwhile go instead (more bytes for the same hits).
+# How far a rank prefetches ahead of its reader: the bytes of this many of the largest shards still
+# to fetch (hits in between do not count). Deeper prefetch evicts too early: a shard kept for later
+# (the next epoch) goes for one needed soon, where waiting would have let a shard read meanwhile go.
 AHEAD_SHARDS = 2
 POLL_S = 0.05  # how often a waiter looks at another process's lock or at freed space
 TIMEOUTS = (TimeoutError, concurrent.futures.TimeoutError)  # distinct classes before Python 3.11
@@ -295,8 +295,10 @@ class ShardCache:
             if s in seen:
                 continue
             seen.add(s)
+            if self._present(self.tars[s]):
+                continue  # a hit: the window counts only bytes to fetch, so the wire never idles over hits
             ahead += self.tars[s].size
-            if ahead > share and len(seen) > 1:
+            if ahead > share and ahead > self.tars[s].size:
                 return
             self._horizon = max(self._horizon, self._node.next_use(s, self._now))
             with self._mutex:
@@ -304,8 +306,6 @@ class ShardCache:
                 busy = sum(1 for f in self._jobs.values() if not f.done())
             if job is not None and (not job.done() or job.exception() is not None):
                 continue  # in flight here, or failed (get() reports it)
-            if self._present(self.tars[s]):
-                continue
             if busy >= self.in_flight:
                 return
             with self._mutex:  # get() sees either no prefetch of s or this one, never a window between

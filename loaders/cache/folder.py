@@ -6,14 +6,14 @@
 - One budget per node: every download first records a reservation of its full size in
   `.ledger.json`, under an exclusive flock on `.ledger.lock` held for the whole decision (scan,
   evict, record). So the processes of a node see each other's downloads before they start, not
-  after, and together stay within `limit`; a download the reader waits for may go above it, by at
-  most EXCESS_SHARDS of the largest shards (in flight, or landed and still being read). Once
-  nothing holds them, `trim()` brings the folder back under the limit.
+  after. Downloads may take the folder above `limit` by at most EXCESS_SHARDS of the largest
+  shards, node-wide (in flight, or landed and about to be read); when readers release what they
+  read, `trim()` brings the folder back under the limit.
 - Pins: a shard being read is pinned by a shared flock on `.locks/<name>.pin`; eviction takes it
   exclusively without blocking, so it never removes a file someone reads.
 - Eviction takes the file whose next use by any local rank is furthest (`next_use`, from the node
-  plan; old versions and files of no local plan first), and, for a prefetch, only files needed
-  later than the prefetched shard: a prefetch never pushes out a shard that hits sooner.
+  plan; old versions and files of no local plan first), and, for a download, only files needed
+  later than the downloaded shard: a prefetch never pushes out a shard that hits sooner.
 - A process that dies (kill -9) loses its flocks with it: its owner lock `.locks/owner-<token>`
   can then be taken, and the next ledger user drops its reservations and deletes its `.part`.
 - A full disk: `make_space` evicts what may go and the write is tried again; only when nothing can
