@@ -244,6 +244,8 @@ class ShardCache:
             self._prefetcher.join(timeout=30)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.dl.shutdown()
+        with contextlib.suppress(OSError):
+            self.store.trim()  # what the prefetch brought for an epoch that will not come: under the limit
         self.store.close()
 
     # -- pins (under self._mutex) -------------------------------------------------------------------
