@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -27,6 +28,8 @@ from s3_server import moto_s3
 
 from loaders import make_loader
 from loaders.cache import PART, CacheError, NodePlan, Remote, ShardCache
+from loaders.cache.download import Downloader, Local
+from loaders.cache.folder import CacheFolder
 from loaders.sharding import EpochPlan
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -150,8 +153,7 @@ def test_eviction_keeps_the_shard_another_local_rank_reads_next(local_set, s3, t
     a, b = [0, 1, 2, 2, 2, 0], [2, 2, 2, 1, 1, 1]
     if node_wide:
         cache.announce(NodePlan.of_ranks([plan(a), plan(b)], [], own=0))
-    EpochReads_sequence = [0, 1, 2, 0]
-    cache.start_epoch(EpochReads_sequence)
+    cache.start_epoch([0, 1, 2, 0])  # rank A's occurrences
     for j in range(3):
         cache.get(j)
         cache.release(j)
@@ -280,3 +282,41 @@ def test_an_object_replaced_mid_download_is_caught_by_its_etag(local_set, s3, tm
         assert any("downloading the new version" in r.message for r in caplog.records)  # with a manifest: once more
     finally:
         client.put_object(Bucket=BUCKET, Key=key, Body=good)
+
+
+def test_a_download_nobody_waits_for_yields_the_wire_to_one_a_reader_waits_for(tmp_path):
+    folder = CacheFolder(str(tmp_path), 10**9, 10, keep=lambda name: False)
+    dl = Downloader(folder, lambda: False, lambda *a: None)
+    ahead, now = Local(Remote("s3://b/ahead.tar", 1, None), "t", 1), Local(Remote("s3://b/now.tar", 1, None), "t", 1)
+    through = threading.Event()
+
+    def prefetch_range() -> None:
+        with contextlib.ExitStack() as stack:
+            dl._yield_wire(ahead, lambda: False, stack, [])
+        through.set()
+
+    with contextlib.ExitStack() as waited:  # a waited-for download marks itself urgent and goes on
+        dl._yield_wire(now, lambda: True, waited, [])
+        assert folder.others_urgent(ahead.name) and not folder.others_urgent(now.name)
+        t = threading.Thread(target=prefetch_range)
+        t.start()
+        assert not through.wait(0.5)  # the prefetch holds its next GET while the urgent one transfers
+    assert through.wait(30)
+    t.join()
+    dl.shutdown()
+    folder.close()
+
+
+def test_the_next_epochs_first_shard_is_fetched_during_this_epochs_tail(local_set, s3, tmp_path):
+    tars = remotes(local_set, "val")[:3]
+    cache = ShardCache(tars, [], str(tmp_path / "cache"))
+    cache.announce(NodePlan.of_ranks([plan([0, 1])], [plan([2, 0])], own=0))  # epoch e: 0, 1; epoch e+1: 2, 0
+    cache.start_epoch([0, 1])
+    for j in range(2):
+        cache.get(j)
+    # the reader is still in epoch e (shard 1 held), and nobody asked for shard 2 yet
+    deadline = time.monotonic() + 60
+    while not os.path.exists(cache.local_path(2)):
+        assert time.monotonic() < deadline, "the next epoch's first shard was not prefetched"
+        time.sleep(0.05)
+    cache.close()
