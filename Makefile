@@ -44,12 +44,14 @@ bench-loaders: install
 
 bench: bench-build bench-loaders
 
-# The GPU proof kit (scripts/gpu_check.py): on a GPU machine with the project installed, on the torch
-# that machine has. No `install` prerequisite: installing would pull the pinned CPU torch over it.
-# `make gpu-check QUICK=1` is the ~3 minute mode. Writes runs/gpu-check/result.json.
-GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python)
+# The GPU proof kit (scripts/gpu_check.py), from a plain checkout on the torch the GPU machine has:
+# no `install` prerequisite (installing would pull the pinned CPU torch over it), no pip install
+# at all. `make gpu-check QUICK=1` is the few-minute mode; DRY_RUN=1 runs the kit on CPU.
+# GPU_PY: this checkout's .venv where there is one, else the machine's python3.
+# Writes runs/gpu-check/result.json.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py $(if $(QUICK),--quick) $(GPU_CHECK_ARGS)
+	$(GPU_PY) scripts/gpu_check.py $(if $(QUICK),--quick) $(if $(DRY_RUN),--dry-run) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data/demo runs .pytest_cache

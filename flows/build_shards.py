@@ -4,7 +4,7 @@
     index-source    open the source, index it, plan the shards, check the output (one task)
     write-shards    a batch of whole shards per task, a few tasks per worker. --runner local: a
                     ThreadPoolTaskRunner(max_workers=workers) whose threads hand each shard to
-                    a pool of `workers` processes (flows/pool.py): true CPU parallelism, and
+                    a pool of `workers` processes (shards/pool.py): true CPU parallelism, and
                     at most `workers` shards in memory at once. --runner dask: a DaskTaskRunner
                     whose worker processes (on this or other machines) write the shards themselves
     finish          manifest.json, written last
@@ -20,9 +20,11 @@ after a crash reuses every shard already published (shards/build.py's resume rec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -33,16 +35,19 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.credentials import warn_once
 from flows.download import download_archives
 from flows.params import BuildParams, flow_docstring, flow_signature
-from flows.pool import ShardPool
 from flows.retry import worth_retrying
-from shards.build import Plan, ShardRecord, check_output, finish, prepare, reused_records, summary_rows, write_shard
+from shards.build import Plan, check_output, finish, prepare, reused_records, summary_rows
+from shards.build_request import BuildRequest
 from shards.lock import OutputLock, output_lock
 from shards.plan import ShardSpec
-from shards.sources import open_source
+from shards.pool import ShardPool
+from shards.redact import redact_url
 from shards.storage import Storage, is_url
 from shards.types import Options, Source
+from shards.write import ShardRecord, write_shard
 
 T = TypeVar("T")
 SUMMARY_KEY = "build-shards-summary"
@@ -62,37 +67,64 @@ class Prepared:
     done: dict | None
 
 
-_PREINDEXED: dict[str, tuple[Source, Plan]] = {}  # filled by preindex(), used once by index-source
+@dataclass
+class Indexed:
+    """A local source opened and planned ahead of the flow (the CLI does it while its temporary
+    server starts), for index-source to use instead of indexing again: the plan, or the error
+    that indexing raised, which index-source then raises where the flow's logs and retries are."""
+
+    request: BuildRequest
+    splits: list[str] | None
+    source: Source | None = None
+    plan: Plan | None = None
+    error: Exception | None = None
 
 
-def _index_key(dataset: str, source: str | None, source_kw: dict, options: Options, splits: list[str] | None) -> str:
-    return repr((dataset, source, sorted(source_kw.items()), options, splits))
+_ahead: Indexed | None = None  # set only inside indexed_ahead(), taken once by index-source
 
 
-def preindex(p: BuildParams) -> None:
-    """Open and plan a local source ahead of the flow (the CLI does it while the temporary
-    server starts); index-source then finds it here. Any error is left for the flow to raise,
-    where its logs and retries are."""
+def index_ahead(p: BuildParams) -> Indexed | None:
+    """Open and plan a local source now; None for a URL source (downloaded by the flow first).
+    A failure is kept in the value, not raised: the flow raises it, with its logs."""
     if p.source is not None and is_url(p.source):
-        return  # its archives are downloaded first, by the flow
-    kw, options, splits = p.source_kwargs(), p.options(), p.split_list()
+        return None
+    request, splits = p.request(), p.split_list()
     try:
-        src = open_source(p.dataset, p.source, **kw)
-        _PREINDEXED[_index_key(p.dataset, p.source, kw, options, splits)] = (src, prepare(src, options, splits))
-    except Exception:
-        pass
+        src = request.open_source()
+        return Indexed(request, splits, src, prepare(src, request.options(), splits))
+    except Exception as e:  # kept, for index-source to raise
+        return Indexed(request, splits, error=e)
+
+
+@contextlib.contextmanager
+def indexed_ahead(indexed: Indexed | None) -> Iterator[None]:
+    """Offer `indexed` to the flow run started inside this block (in this process)."""
+    global _ahead
+    _ahead = indexed
+    try:
+        yield
+    finally:
+        _ahead = None
+
+
+def _take_ahead(request: BuildRequest, splits: list[str] | None) -> Indexed | None:
+    """The value indexed_ahead() offers, if it was made for this very request; once only."""
+    global _ahead
+    ready, _ahead = _ahead, None
+    return ready if ready is not None and (ready.request, ready.splits) == (request, splits) else None
 
 
 @task(name="index-source", retries=2, retry_delay_seconds=5, retry_condition_fn=worth_retrying, cache_policy=NO_CACHE)
-def index_source(
-    dataset: str, source: str | None, source_kw: dict, options: Options, splits: list[str] | None, output: str
-) -> Prepared:
+def index_source(request: BuildRequest, local_source: str | None, splits: list[str] | None, output: str) -> Prepared:
     log = get_run_logger()
-    ready = _PREINDEXED.pop(_index_key(dataset, source, source_kw, options, splits), None)
-    if ready is None:
-        src = open_source(dataset, source, **source_kw)
-        ready = (src, prepare(src, options, splits))
-    src, plan = ready
+    ready = _take_ahead(request, splits)
+    if ready is not None and ready.error is not None:
+        raise ready.error
+    if ready is not None and ready.source is not None and ready.plan is not None:
+        src, plan = ready.source, ready.plan
+    else:
+        src = request.open_source(local_source)
+        plan = prepare(src, request.options(), splits)
     storage = Storage(output)
     for split in plan.splits:
         specs = plan.split_shards(split)
@@ -108,7 +140,7 @@ def index_source(
 
 
 @dataclass
-class Progress:
+class ProgressArtifact:
     """Counts finished shards and keeps the progress artifact current. In-process only: the
     local runner's task threads call it per shard; on dask the flow calls it per finished task."""
 
@@ -168,7 +200,7 @@ def write_batch(
     job: Leaf[Prepared],
     options: Options,
     pool: ShardPool | None,
-    progress: Progress | None,
+    progress: ProgressArtifact | None,
 ) -> Batch:
     """Write (or reuse) whole shards one after another; with a pool each goes to a process,
     without one (a single worker, or a dask worker process) it is written right here."""
@@ -229,36 +261,57 @@ def batch_label(specs: list[ShardSpec]) -> str:
 
 
 def write_all(
-    job: Prepared, options: Options, workers: int, log: logging.LoggerAdapter
+    job: Prepared, options: Options, p: BuildParams, log: logging.LoggerAdapter
 ) -> tuple[list[ShardRecord], dict[str, float]]:
-    """Run the write-shards tasks, `workers` at a time; returns every shard's record and each split's seconds."""
+    """Run the write-shards tasks; returns every shard's record and each split's seconds.
+
+    --runner local: `workers` task threads, each handing its shards to the process pool.
+    --runner dask: the cluster's worker processes write the shards themselves (no pool there);
+    they cannot reach this process's ProgressArtifact, so the flow counts shards as tasks complete."""
     plan = job.plan
     progress = new_progress(len(plan.shards))
-    workers = min(workers, len(plan.shards))  # no idle processes for a small set
-    groups = batches(plan.shards, workers)
-    log.info("writing %d shards in %d tasks on %d workers", len(plan.shards), len(groups), workers)
-    pool = ShardPool(job.source, workers) if workers > 1 else None
+    workers = min(p.worker_count(), len(plan.shards))  # no idle processes for a small set
+    local = p.runner == "local"
+    pool = ShardPool(job.source, workers) if local and workers > 1 else None
     try:
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            shared = {"job": Leaf(job), "options": options, "pool": quote(pool), "progress": quote(progress)}
+        with task_runner(p, workers) as runner:
+            # Parallelism is what the runner has: for dask, its worker threads.
+            slots = workers if local else sum(runner.client.nthreads().values()) or 1
+            groups = batches(plan.shards, slots)
+            where = f"{workers} workers" if local else f"dask ({p.dask_address or 'local cluster'}, {slots} threads)"
+            log.info("writing %d shards in %d tasks on %s", len(plan.shards), len(groups), where)
+            shared = {"job": Leaf(job), "options": options, "pool": None, "progress": None}
+            if local:  # quote() does not survive pickling to a dask worker; dask tasks get neither
+                shared |= {"pool": quote(pool), "progress": quote(progress)}
             futures = [
                 runner.submit(write_batch, {"label": batch_label(g), "specs": Leaf(g), **shared}) for g in groups
             ]
-            for f in futures:
-                f.wait()
-            # Every batch ran to its end first, so a failure leaves all the other shards reusable.
-            done = [f.result() for f in futures]
+            done = _results(futures, None if local else progress)
     finally:
         if pool is not None:
             pool.close()
     return [r for b in done for r in b.records], split_seconds(done)
 
 
-def new_progress(total: int) -> Progress:
-    return Progress(total, create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+def _results(futures: list, progress: ProgressArtifact | None) -> list[Batch]:
+    """Every batch's result, once all of them ended: a failure leaves all the other shards
+    reusable. With `progress`, shards are counted as their task completes."""
+    for f in as_completed(futures):
+        if progress is None:
+            continue
+        try:
+            batch = f.result()
+        except Exception:  # raised below, once every other batch has ended
+            continue
+        progress.shards_done([r.name for r in batch.records])
+    return [f.result() for f in futures]
 
 
-def dask_task_runner(address: str | None, workers: int):
+def new_progress(total: int) -> ProgressArtifact:
+    return ProgressArtifact(total, create_progress_artifact(0.0, key=PROGRESS_KEY, description="shards written"))
+
+
+def _dask_task_runner(address: str | None, workers: int):
     """A DaskTaskRunner on the cluster at `address`, or on a LocalCluster of `workers` processes
     with one thread each (decoding holds the GIL, so processes, not threads, give parallelism)."""
     from prefect_dask import DaskTaskRunner  # only a dask run pays for importing dask
@@ -272,47 +325,23 @@ def dask_task_runner(address: str | None, workers: int):
     )
 
 
-def write_all_dask(
-    job: Prepared, options: Options, workers: int, address: str | None, log: logging.LoggerAdapter
-) -> tuple[list[ShardRecord], dict[str, float]]:
-    """Run the write-shards tasks on a dask.distributed cluster: each task writes its shards in
-    the dask worker process (no pool there). Worker processes cannot reach this process's
-    Progress, so the flow counts shards as task futures complete."""
-    plan = job.plan
-    progress = new_progress(len(plan.shards))
-    with dask_task_runner(address, min(workers, len(plan.shards))) as runner:
-        # Parallelism is what the cluster has: its worker threads (for a LocalCluster, `workers`).
-        slots = sum(runner.client.nthreads().values()) or 1
-        groups = batches(plan.shards, slots)
-        log.info(
-            "writing %d shards in %d tasks on dask (%s, %d worker threads)",
-            len(plan.shards),
-            len(groups),
-            address or "local cluster",
-            slots,
-        )
-        shared = {"job": Leaf(job), "options": options, "pool": None, "progress": None}
-        futures = [runner.submit(write_batch, {"label": batch_label(g), "specs": Leaf(g), **shared}) for g in groups]
-        for f in as_completed(futures):
-            try:
-                batch = f.result()
-            except Exception:  # raised below, once every other batch has ended
-                continue
-            progress.shards_done([r.name for r in batch.records])
-        # Every batch ran to its end first, so a failure leaves all the other shards reusable.
-        done = [f.result() for f in futures]
-    return [r for b in done for r in b.records], split_seconds(done)
+def task_runner(p: BuildParams, workers: int):
+    """The runner of the write-shards tasks: threads here, or a dask cluster."""
+    if p.runner == "dask":
+        return _dask_task_runner(p.dask_address, workers)
+    return ThreadPoolTaskRunner(max_workers=workers)
 
 
 def _build_shards(**params) -> dict:
     p = BuildParams(**params).check()
     log = get_run_logger()
-    workers, options = p.worker_count(), p.options()
+    workers, request = p.worker_count(), p.request()
+    warn_once(p.source, log.warning)
     log.info(
         "build-shards %s from %s to %s with %d workers (%s runner)",
         p.dataset,
-        p.source or "(generated)",
-        p.output,
+        redact_url(p.source) if p.source else "(generated)",
+        redact_url(p.output),
         workers,
         p.runner,
     )
@@ -323,25 +352,23 @@ def _build_shards(**params) -> dict:
     # The output's lock, held by this process (the flow's, whichever runner writes the shards)
     # from before anything is written there until the manifest is.
     with output_lock(p.output, p.lock_record(), wait=p.wait, on_wait=log.warning) as lock:
-        job = index_source(p.dataset, local_source, p.source_kwargs(), options, p.split_list(), p.output)
+        job = index_source(request, local_source, p.split_list(), p.output)
         log.info("indexed and planned in %.1fs: %d shards", time.perf_counter() - start, len(job.plan.shards))
-        rows = _write_or_reuse(job, p, options, workers, lock, log)
+        rows = _write_or_reuse(job, p, request.options(), lock, log)
     _report(rows, p.dataset, job, log)
-    log.info("done in %.1fs: %s", time.perf_counter() - start, job.storage.root)
-    return {"output": job.storage.root, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
+    output = redact_url(job.storage.root)  # the flow's result is stored by the server too
+    log.info("done in %.1fs: %s", time.perf_counter() - start, output)
+    return {"output": output, "dataset": p.dataset, "rows": rows, "complete_before": job.done is not None}
 
 
 def _write_or_reuse(
-    job: Prepared, p: BuildParams, options: Options, workers: int, lock: OutputLock, log: logging.LoggerAdapter
+    job: Prepared, p: BuildParams, options: Options, lock: OutputLock, log: logging.LoggerAdapter
 ) -> list[dict]:
     if job.done is not None:
-        log.info("%s already holds this complete set; nothing to do", job.storage.root)
+        log.info("%s already holds this complete set; nothing to do", redact_url(job.storage.root))
         return summary_rows(job.plan, reused_records(job.plan, job.done), {})
-    if p.runner == "dask":
-        records, seconds = write_all_dask(job, options, workers, p.dask_address, log)
-    else:
-        records, seconds = write_all(job, options, workers, log)
-    finish_set(quote(job), quote(records), p.ext, quote(lock))
+    records, seconds = write_all(job, options, p, log)
+    finish_set(quote(job), quote(records), options.image_ext, quote(lock))
     return summary_rows(job.plan, records, seconds)
 
 
@@ -361,7 +388,9 @@ def _report(rows: list[dict], dataset: str, job: Prepared, log: logging.LoggerAd
             r["seconds"],
             r["images_per_sec"],
         )
-    create_table_artifact(rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {job.storage.root}")
+    create_table_artifact(
+        rows, key=SUMMARY_KEY, description=f"build-shards {dataset} -> {redact_url(job.storage.root)}"
+    )
 
 
 # The flow's parameters are BuildParams' fields (flows/params.py): its signature, types,

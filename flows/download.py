@@ -4,6 +4,10 @@ shards/download.py does the work (parallel, resumable, MD5-verified downloads); 
 adds what Prefect gives: task retries, a run-logger line per file every few seconds (bytes,
 rate, ETA) and a progress artifact. The download runs in a helper thread while the task's own
 thread, which holds the run context, reports; so the Prefect calls never leave that thread.
+
+Every line and artifact names the redacted URL; the real one (flows/credentials.py's `reveal`,
+for a CLI run) is used only to open the connections, and an error that quotes it is redacted
+before it leaves the task.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.credentials import reveal
 from flows.retry import worth_retrying
 from shards.build import BuildError
 from shards.download import localize_source
-from shards.fetch import RetryPolicy
+from shards.fetch import FetchError, RetryPolicy
+from shards.redact import redact_text, redact_url
 from shards.storage import Storage, is_url
 
 DOWNLOAD_KEY = "build-shards-download"
@@ -107,13 +113,14 @@ def download_archives(
     to open. Verified downloads from an earlier run are reused without a request."""
     log = get_run_logger()
     check_output_writable(output)
-    log.info("downloading %s into %s", source, cache_dir)
+    real, shown = reveal(source), redact_url(source)
+    log.info("downloading %s into %s", shown, cache_dir)
     progress = DownloadProgress()
-    artifact = create_progress_artifact(0.0, key=DOWNLOAD_KEY, description=f"download {source}")
+    artifact = create_progress_artifact(0.0, key=DOWNLOAD_KEY, description=f"download {shown}")
     start = time.monotonic()
     with cf.ThreadPoolExecutor(1, thread_name_prefix="download") as ex:
         fut = ex.submit(
-            localize_source, dataset, source, cache_dir, splits=splits, md5=md5, policy=POLICY, progress=progress.update
+            _localize, dataset, real, cache_dir, splits=splits, md5=md5, policy=POLICY, progress=progress.update
         )
         while True:
             try:
@@ -125,10 +132,22 @@ def download_archives(
                 for line in progress.due_lines(force=fut.done()):
                     log.info("download %s", line)
                 try:
-                    update_progress_artifact(artifact, progress.percent(), description=f"download {source}")
+                    update_progress_artifact(artifact, progress.percent(), description=f"download {shown}")
                 except Exception as e:  # a busy server must not fail the download; the next update catches up
                     log.warning("download progress artifact not updated: %s", e)
     # 100% also when nothing was fetched: every archive was a verified download already in the cache.
-    update_progress_artifact(artifact, 100.0, description=f"download {source}: done")
+    update_progress_artifact(artifact, 100.0, description=f"download {shown}: done")
     log.info("source ready at %s (%.1fs)", local, time.monotonic() - start)
     return local
+
+
+def _localize(dataset: str, source: str, cache_dir: str, **kw) -> str | None:
+    """localize_source, with any error that still quotes the real URL redacted at this boundary
+    (the task's failure is logged, and stored by the Prefect server, as its message says)."""
+    try:
+        return localize_source(dataset, source, cache_dir, **kw)
+    except Exception as e:
+        safe = redact_text(str(e), source)
+        if safe == str(e):
+            raise
+        raise FetchError(f"{type(e).__name__}: {safe}") from None

@@ -15,11 +15,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from shards import sizes
+from shards.build_request import BuildRequest
 from shards.cache_root import cache_root
 from shards.checksums import ChecksumError, parse_md5
 from shards.images import VERIFY_LEVELS
 from shards.manifest import IMAGE_EXTS
-from shards.sources import DATASETS
+from shards.redact import redact_values
+from shards.sources import DATASETS, demo
 from shards.storage import is_url
 from shards.types import Options
 
@@ -27,11 +29,12 @@ VERIFY_MODES = VERIFY_LEVELS
 RUNNERS = ("local", "dask")
 DEFAULT_SHARD_SIZE = Options.shard_bytes
 
+
 class ParamError(ValueError):
     """A bad build parameter; the message is one line naming the option."""
 
 
-def parse_size(value: str | int) -> int:
+def shard_size_bytes(value: str | int) -> int:
     """--shard-size as bytes, by the one size parser (shards/sizes.py); ParamError for a bad one."""
     try:
         return sizes.parse_size(value, "--shard-size")
@@ -81,7 +84,9 @@ class BuildParams:
     source: str | None = _opt(
         "Where the dataset is: a folder or file, or an http(s):// or s3:// URL (imagenet: of the folder holding "
         "the three archives under their official names; cifar10/imagefolder: of the one archive), downloaded "
-        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo.",
+        "into --cache-dir with resume, retries and MD5 checks. Required except for --dataset demo. "
+        "Credentials: ~/.netrc for http(s), the AWS chain for s3://; those in a URL (user:password@, a presigned "
+        "query) are used only to connect, and shown redacted everywhere.",
         metavar="PATH_OR_URL",
     )
     cache_dir: str | None = _opt(
@@ -173,9 +178,13 @@ class BuildParams:
         "manifest's empty_classes) instead of failing, as torchvision's ImageFolder(allow_empty=True).",
         False,
     )
-    train_per_class: int | None = _opt("demo only: training images per class (default 500).", metavar="N", type=int)
-    val_per_class: int | None = _opt("demo only: validation images per class (default 100).", metavar="N", type=int)
-    demo_size: int | None = _opt("demo only: image side in pixels (default 96).", metavar="PX", type=int)
+    train_per_class: int | None = _opt(
+        f"demo only: training images per class (default {demo.TRAIN_PER_CLASS}).", metavar="N", type=int
+    )
+    val_per_class: int | None = _opt(
+        f"demo only: validation images per class (default {demo.VAL_PER_CLASS}).", metavar="N", type=int
+    )
+    demo_size: int | None = _opt(f"demo only: image side in pixels (default {demo.SIZE}).", metavar="PX", type=int)
     wait: bool = _opt(
         "If another build holds --output (its .shardline.lock, or its lease on object storage), wait for it "
         "to finish instead of failing at once.",
@@ -209,7 +218,7 @@ class BuildParams:
             raise ParamError("--shard-size and --shard-samples exclude each other: give one")
         if self.shard_samples is not None and self.shard_samples < 1:
             raise ParamError(f"--shard-samples {self.shard_samples}: must be at least 1")
-        parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
+        shard_size_bytes(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE)
 
     def _check_images(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -249,10 +258,16 @@ class BuildParams:
         if self.dask_address and self.runner != "dask":
             raise ParamError("--dask-address needs --runner dask")
 
-    @property
-    def ext(self) -> str:
-        """CIFAR-10 is lossless at the source, so it keeps PNG unless told otherwise."""
-        return self.image_ext or ("png" if self.dataset == "cifar10" else "jpg")
+    def request(self) -> BuildRequest:
+        """The checked parameters as shards/ takes them: what to build and the options that decide
+        its bytes (BuildRequest's fields of the same name, the shard size in bytes; a URL source is
+        downloaded, and checked as it arrives, before it is opened)."""
+        same = {f.name: getattr(self, f.name) for f in fields(BuildRequest) if hasattr(self, f.name)}
+        return BuildRequest(
+            **same,
+            shard_bytes=shard_size_bytes(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
+            downloaded=bool(self.source and is_url(self.source)),
+        )
 
     def cache_path(self) -> str:
         return os.path.abspath(os.path.expanduser(self.cache_dir)) if self.cache_dir else default_cache_dir()
@@ -263,51 +278,19 @@ class BuildParams:
     def split_list(self) -> list[str] | None:
         return parse_splits(self.splits)
 
-    def source_kwargs(self) -> dict:
-        """The keyword arguments open_source() takes for this dataset kind (unset ones left out)."""
-        # A downloaded archive was checked against --md5 as it arrived: hashing it again would
-        # cost another full read (150 GB for ImageNet), so only a local source gets md5.
-        md5 = {} if self.source and is_url(self.source) else (self.md5 or {})
-        if self.dataset == "imagenet":
-            return {"check_md5": self.check_md5, "md5": md5}
-        if self.dataset == "imagefolder":
-            kw = {"seed": self.seed} | ({"val_fraction": self.val_fraction} if self.val_fraction is not None else {})
-            return kw | ({"allow_empty_classes": True} if self.allow_empty_classes else {})
-        if self.dataset == "cifar10":
-            return {"image_ext": self.ext, "jpeg_quality": self.jpeg_quality, "md5": md5}
-        kw = {"seed": self.seed, "train_per_class": self.train_per_class, "val_per_class": self.val_per_class}
-        return {k: v for k, v in (kw | {"size": self.demo_size}).items() if v is not None}
-
-    def options(self) -> Options:
-        """Options for shards/. Source options that change which images or bytes are written
-        are recorded in the manifest params too, so a rerun with other values is never taken
-        for a finished set; options that only check (md5, check_md5) are not."""
-        skip = ("seed", "md5", "check_md5", "image_ext", "jpeg_quality")
-        extra = {"image_ext": self.ext} | {k: v for k, v in self.source_kwargs().items() if k not in skip}
-        return Options(
-            seed=self.seed,
-            shard_bytes=parse_size(self.shard_size if self.shard_size is not None else DEFAULT_SHARD_SIZE),
-            shard_samples=self.shard_samples,
-            verify=self.verify,
-            max_side=self.max_side,
-            image_ext=self.ext,
-            jpeg_quality=self.jpeg_quality,
-            max_pixels=self.max_pixels,
-            extra=extra,
-        )
-
     def flow_kwargs(self) -> dict:
         """The checked parameters as the flow takes them (md5 parsed, splits a list, sizes in bytes)."""
         kw = asdict(self)
         kw["splits"] = self.split_list()
         if self.shard_size is not None:
-            kw["shard_size"] = parse_size(self.shard_size)
+            kw["shard_size"] = shard_size_bytes(self.shard_size)
         return kw
 
     def lock_record(self) -> dict:
         """What the output's lock records about this build (for the message another build prints)."""
         keep = ("dataset", "source", "splits", "seed", "shard_size", "shard_samples", "runner")
-        return {k: getattr(self, k) for k in keep}
+        # others read it (a lease object, a second build's message): never a URL's credentials
+        return redact_values({k: getattr(self, k) for k in keep})
 
 
 def flow_signature() -> inspect.Signature:

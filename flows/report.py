@@ -6,6 +6,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from shards.redact import redact_url
+
 COLUMNS = ("split", "samples", "shards", "bytes", "quarantined", "reused", "seconds", "images_per_sec")
 HEADERS = {"bytes": "size", "images_per_sec": "images/s"}
 
@@ -33,4 +35,4 @@ def print_summary(result: dict, console: Console | None = None) -> None:
         table.add_row(*(_cell(c, row.get(c)) for c in COLUMNS))
     console.print(table)
     # soft_wrap: a long path stays on one line, whole, so it can be copied (and grepped)
-    console.print(f"output: {result['output']}", soft_wrap=True, highlight=False)
+    console.print(f"output: {redact_url(result['output'])}", soft_wrap=True, highlight=False)

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 
 import click
 
+from flows.credentials import hide
 from flows.params import BuildParams
 from flows.server import TemporaryServer, abandon, configured_api_url, prefect_defaults
+from shards.redact import redact_text
 
 
 def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
@@ -25,15 +27,19 @@ def run_build(params: BuildParams) -> tuple[int, TemporaryServer | None]:
     if configured_api_url() is None:
         server = TemporaryServer()
         server.start()  # its ~5 s start overlaps the imports and the indexing below
-    from flows.build_shards import build_shards, preindex  # imports Prefect
+    from flows.build_shards import build_shards, index_ahead, indexed_ahead  # imports Prefect
     from flows.report import print_summary
 
-    preindex(params)
+    ahead = index_ahead(params)
+    # The server stores the flow's parameters as given: it gets the redacted source, and the
+    # download task finds the real one in this process (flows/credentials.py).
+    kwargs = params.flow_kwargs() | {"source": hide(params.source)}
     try:
-        with _using(server):
-            result = build_shards(**params.flow_kwargs())
+        with _using(server), indexed_ahead(ahead):
+            result = build_shards(**kwargs)
     except Exception as e:  # the flow's logs already hold the traceback; end with one line
-        click.echo(f"error: build-shards failed: {type(e).__name__}: {e}", err=True)
+        reason = redact_text(str(e), params.source, params.output)
+        click.echo(f"error: build-shards failed: {type(e).__name__}: {reason}", err=True)
         return 1, server
     print_summary(result)
     return 0, server

@@ -77,10 +77,25 @@ it imports, else pytorch). `options=` takes each backend's knobs (DaliOptions in
 loaders/dali.py, TorchOptions in loaders/pytorch.py); defaults come from the machine.
 Other attributes: loader.batch_size, loader.num_samples (whole split), loader.epoch,
 loader.backend_name, loader.progress, loader.plan() (this rank's rows for the epoch, for debugging).
+batch_grid(images) draws a normalized batch back as pixels (python -m loaders.show, TensorBoard).
 """
 
 from loaders.api import Loader, make_loader
 from loaders.cache import CacheError
 from loaders.common import DTYPES, IMAGENET_MEAN, IMAGENET_STD, DecodeError
+from loaders.pixels import batch_grid
+from shards.redact import redact_text, redact_url, redact_values
 
-__all__ = ["DTYPES", "IMAGENET_MEAN", "IMAGENET_STD", "CacheError", "DecodeError", "Loader", "make_loader"]
+__all__ = [
+    "DTYPES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CacheError",
+    "DecodeError",
+    "Loader",
+    "batch_grid",
+    "make_loader",
+    "redact_text",
+    "redact_url",
+    "redact_values",
+]

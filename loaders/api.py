@@ -352,7 +352,8 @@ def open_cache(
     (index_bytes, index_sha256) has the index checked against them."""
     if not any(is_url(s.url) for s in shards):
         return None  # local shards are read in place
-    root = shards[0].url.rsplit("/", 1)[0]
+    # the set's folder, without a query: a token there names no other set (and is no folder name)
+    root = shards[0].url.partition("?")[0].rsplit("/", 1)[0]
     folder = os.fspath(folder) if folder is not None else default_folder(root)
     recorded = {e["name"]: e for sp in (manifest or {}).get("splits", {}).values() for e in sp["shards"]}
     index_facts = [recorded.get(s.name, {}) for s in shards]

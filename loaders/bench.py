@@ -30,6 +30,7 @@ import numpy as np
 import psutil
 
 from loaders.spec import open_shards
+from shards.redact import redact_text
 
 BACKENDS = ("dali", "pytorch")
 
@@ -108,6 +109,8 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
         )
         if info is not None and kind == "dali":
             info["fused_resize"] = bool(loader.backend.opts.fused_resize)  # shardline's plugin, or DALI's resize
+            info["threads"] = loader.backend.opts.num_threads  # what the machine default chose, as in training
+            info["builds"] = loader.backend.builds  # seconds of each pipeline build, appended as they happen
         if info is not None and loader.cache is not None:
             info["cache"] = loader.cache.stats  # read when the measurement ends
         epoch = 0
@@ -132,10 +135,10 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
             ds,
             batch_size=cfg["batch_size"],
             shuffle=not cfg["eval"],
-            num_workers=cfg["workers"],
+            num_workers=baseline_workers(cfg["workers"]),
             pin_memory=device.type == "cuda",
             drop_last=True,
-            persistent_workers=cfg["workers"] > 0,
+            persistent_workers=baseline_workers(cfg["workers"]) > 0,
         )
         while True:
             for images, labels in dl:
@@ -154,6 +157,23 @@ def batches_forever(kind: str, cfg: dict, info: dict | None = None):
         raise ValueError(kind)
 
 
+def baseline_workers(workers: int | None) -> int:
+    """The ImageFolder baseline's DataLoader workers: as given, else one per core (the pytorch backend's default)."""
+    return len(os.sched_getaffinity(0)) if workers is None else workers
+
+
+def build_figures(builds: list[float], before: int, wall: float) -> dict:
+    """DALI pipeline builds over the whole run (warm-up included) and the share of the measured
+    time the builds inside it took: a figure dominated by rebuilds measures the builds, not the loader."""
+    inside = builds[before:]
+    return {
+        "pipeline_builds": len(builds),
+        "pipeline_build_seconds": round(sum(builds), 3),
+        "pipeline_builds_measured": len(inside),
+        "build_share": round(sum(inside) / max(wall, 1e-9), 4),
+    }
+
+
 def measure(kind: str, cfg: dict, queue) -> None:
     try:
         import torch
@@ -168,6 +188,7 @@ def measure(kind: str, cfg: dict, queue) -> None:
             if cuda:
                 torch.cuda.synchronize()
             cpu0, t0 = mon.cpu_seconds(), time.perf_counter()
+            builds_before = len(info.get("builds", []))
             last, lat, images = t0, [], 0
             while last - t0 < cfg["seconds"]:
                 x, _ = next(it)
@@ -177,6 +198,8 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 lat.append(now - last)
                 last, images = now, images + x.shape[0]
             wall, cpu = last - t0, mon.cpu_seconds() - cpu0
+        if "builds" in info:
+            info.update(build_figures(info.pop("builds"), builds_before, wall))
         cache = info.pop("cache", None)
         if cache is not None:  # whole run, warm-up included: the first shards arrive then
             info.update(
@@ -199,13 +222,13 @@ def measure(kind: str, cfg: dict, queue) -> None:
                 "images": images,
                 "seconds": round(wall, 2),
                 "batch_size": cfg["batch_size"],
-                "workers": cfg["workers"],
+                "workers": baseline_workers(cfg["workers"]) if kind == "imagefolder" else cfg["workers"],
                 "image_size": cfg["image_size"],
                 **info,
             }
         )
     except BaseException as e:
-        queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {e}"})
+        queue.put({"backend": kind, "device": cfg["device"], "error": f"{type(e).__name__}: {redact_text(str(e))}"})
         raise
     finally:
         queue.close()
@@ -274,6 +297,11 @@ def print_table(results: list[dict], title: str) -> None:
         )
     Console(width=160).print(table)
     for r in results:
+        if "pipeline_builds" in r:
+            print(
+                f"{r['backend']}: {r['pipeline_builds']} pipeline builds in {r['pipeline_build_seconds']:.2f} s, "
+                f"{r['build_share']:.1%} of the measured time; {r['threads']} threads"
+            )
         if "cache_bytes_downloaded" in r:
             print(
                 f"{r['backend']}: shard cache downloaded {r['cache_bytes_downloaded'] / 1e6:.1f} MB for "
@@ -329,9 +357,11 @@ def split_backends(values: tuple[str, ...]) -> list[str]:
 @click.option("--batch-size", default=64, show_default=True, help="Images per batch.")
 @click.option(
     "--workers",
-    default=2,
-    show_default=True,
-    help="DataLoader worker processes (pytorch, ImageFolder) and DALI CPU threads.",
+    type=int,
+    default=None,
+    help="DataLoader worker processes (pytorch, ImageFolder) and DALI CPU threads. Default: the machine's, as "
+    "make_loader and so python -m train choose them (DALI: up to 8 threads per GPU, or one per core on CPU; "
+    "pytorch and ImageFolder: one worker per core).",
 )
 @click.option("--seconds", default=20.0, show_default=True, help="Length of the measured steady state, per backend.")
 @click.option("--warmup", default=5.0, show_default=True, help="Seconds of warm-up before measuring, per backend.")
@@ -437,7 +467,7 @@ def main(
     n = sum(s.samples for s in shards)
     print_table(
         results,
-        f"{'eval' if eval_ else 'train'} {image_size}px, batch {batch_size}, {workers} workers, "
+        f"{'eval' if eval_ else 'train'} {image_size}px, batch {batch_size}, {workers or 'default'} workers, "
         f"{n} samples in {len(shards)} shards, {os.cpu_count()} CPUs",
     )
     if as_json:

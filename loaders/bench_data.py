@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from loaders.spec import IMAGE_EXTS, open_binary, open_shards
 from shards.build import build
+from shards.manifest import LABEL_BYTES, decode_label
 from shards.types import ClassInfo, Item, Options, Quarantined
 
 PHOTO_EXTS = (".jpeg", ".jpg", ".png")
@@ -67,7 +68,7 @@ def extract_imagefolder(spec: str, split: str, dest: str | os.PathLike) -> int:
         with open_binary(shard.url) as f:
             for i in range(len(idx)):
                 f.seek(int(idx.label_offset[i]))
-                label = int.from_bytes(f.read(8), "little", signed=True)
+                label = decode_label(f.read(LABEL_BYTES))
                 f.seek(int(idx.image_offset[i]))
                 data = f.read(int(idx.image_size[i]))
                 name = f"{keys[i]}.{IMAGE_EXTS[idx.image_ext[i]]}"

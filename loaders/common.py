@@ -13,6 +13,7 @@ import torch
 
 from loaders.sharding import EpochPlan
 from loaders.spec import Shard, open_binary
+from shards.redact import redact_text, redact_url
 
 if TYPE_CHECKING:
     from loaders.cache import ShardCache
@@ -56,7 +57,9 @@ class DecodeError(RuntimeError):
 
     def __init__(self, shard: str, key: str | None = None, reason: str | None = None) -> None:
         # One-argument form: DataLoader re-raises a worker's exception as type(e)(message).
-        msg = shard if key is None else f"cannot decode sample {key!r} in shard {shard}: {reason}"
+        # The shard is named redacted: its URL may carry a token (a SPEC's query).
+        shard = redact_url(shard) if key is not None else redact_text(shard)
+        msg = shard if key is None else f"cannot decode sample {key!r} in shard {shard}: {redact_text(str(reason))}"
         super().__init__(msg)
         self.shard, self.key, self.reason = shard, key, reason
 

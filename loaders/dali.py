@@ -1,4 +1,4 @@
-"""The DALI backend: fn.readers.webdataset -> decoders -> resize -> crop_mirror_normalize.
+"""The DALI backend: samples -> decoders -> resize -> crop_mirror_normalize.
 
 One graph, two placements: on a CUDA device the decoder runs "mixed" (nvJPEG, and the
 hardware JPEG decoder for `hw_decoder_load` of the images where the GPU has one) and every
@@ -7,21 +7,35 @@ later operator on the GPU; without one the same operators run on CPU threads
 resize + crop_mirror_normalize become shardline's one-pass fused operator (loaders/dali_plugin.py),
 because DALI's CPU resize alone costs as much as decoding; `fused_resize=False` runs the GPU graph as is.
 
-How the contract's sample order gets into DALI without Python in the per-sample path: the
-reader's own sharding (shard_id/num_shards) hands each rank a contiguous slice of unequal
-size and its shuffling is a local buffer, so neither equal per-rank epochs, nor a
-(seed, epoch) order, nor an exact mid-epoch resume come from it. Instead, before each epoch,
-the plan (loaders/sharding.py) is turned into per-epoch sub-indexes: for each run of rows
-that read the same shard, a v1.2 index file listing exactly those samples, in plan order
-(padding rows are simply listed again), with the offsets copied from the index written
-beside the tar. fn.readers.webdataset then reads (paths = the tars of the runs, index_paths =
-those files, random_shuffle=False) precisely this rank's rows for the epoch; decoding,
-augmentation and the binary int64 label all stay in DALI's C++ threads. A resume writes the
-sub-indexes from the resumed batch on, so skipped samples are never read or decoded. The
-train pipeline is rebuilt each epoch (milliseconds on CPU) and the old one released, so host
-memory stays flat; the eval pipeline of a local set, whose plan never changes, is built once
-and kept. A remote set runs each epoch as a chain of pipelines over the shards the cache holds
-(DaliBackend._cached_batches).
+One graph, two input stages (image_pipeline's `source`), both giving the plan's rows in plan
+order as (JPEG bytes, int64 label), so everything after them is the same code:
+
+- Local disk: fn.readers.webdataset, with no Python in the per-sample path. The reader's own
+  sharding (shard_id/num_shards) hands each rank a contiguous slice of unequal size and its
+  shuffling is a local buffer, so neither equal per-rank epochs, nor a (seed, epoch) order, nor
+  an exact mid-epoch resume come from it. Instead, before each epoch, the plan
+  (loaders/sharding.py) is turned into per-epoch sub-indexes: for each run of rows that read
+  the same shard, a v1.2 index file listing exactly those samples, in plan order (padding rows
+  are simply listed again), with the offsets copied from the index written beside the tar.
+  The reader then reads (index_paths = those files, random_shuffle=False) precisely this
+  rank's rows for the epoch.
+- A remote set (spec.cache): DALI's reader opens every file it is given when the pipeline is
+  built, so it cannot read a cache that is still filling. An fn.external_source (CachedInput)
+  feeds the same decoders instead: per batch, one thread reading a few batches ahead waits
+  until the batch's shards are in the cache (EpochReads.need), reads each row's image and label
+  member from the cached tar at the offsets of the shard's index (one pread each), and releases
+  the shards whose last batch that was (EpochReads.finished). external_source copies the arrays
+  it is handed before the callback returns (no_copy=False), so no file is read by DALI itself
+  and none needs to stay pinned for batches in DALI's prefetch queue. One pipeline an epoch, as
+  on local disk, that starts as soon as its first batch's shards have landed.
+
+Decoding, augmentation and the label all stay in DALI's C++ threads. A resume starts the
+sub-indexes, or the external source, at the resumed batch, so skipped samples are never read or
+decoded; crops are drawn per sample (loaders/dali_crops.py), so they do not depend on where a
+pipeline starts. The train pipeline is rebuilt each epoch (milliseconds on CPU) and the old one
+released, so host memory stays flat; an eval pipeline whose plan has not changed since its last
+complete pass (the same every time: epoch 0, from batch 0) is kept and reused, from local disk
+or from a remote set. `DaliBackend.builds` records the seconds of every pipeline build.
 """
 
 from __future__ import annotations
@@ -29,16 +43,18 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import nvidia.dali
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
@@ -57,13 +73,31 @@ from loaders.common import (
     read_image_bytes,
 )
 from loaders.sharding import EpochPlan
-from loaders.spec import IMAGE_EXTS, Shard, is_url
+from loaders.spec import IMAGE_EXTS, Shard
 from shards import dali_index
 from shards.manifest import LABEL_DTYPE, LABEL_EXT
 
+# The oldest DALI this backend runs on: the floor pyproject.toml declares, and what is tested.
+# (Pipeline.outputs(cuda_stream), which _run needs, arrived in 1.44; 2.0 is the tested floor.)
+MIN_DALI = (2, 0)
 READER = "reader"
-SEGMENT_BYTES = 256 << 20  # remote sets: bytes of shards one pipeline reads before the next takes over
+LABEL_SIZE = np.dtype(LABEL_DTYPE).itemsize
 log = logging.getLogger(__name__)
+
+
+def check_dali_version(version: str) -> None:
+    """Refuse a DALI older than MIN_DALI in one line, naming both versions; an unparsable
+    version (a source build) is let through."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m[1]), int(m[2])) < MIN_DALI:
+        need = ".".join(map(str, MIN_DALI))
+        raise ImportError(
+            f"shardline's DALI backend needs nvidia-dali {need} or newer, but {version} is installed: "
+            "upgrade the nvidia-dali-cuda1x0 wheel, or use backend='pytorch'"
+        )
+
+
+check_dali_version(nvidia.dali.__version__)
 
 
 @dataclass
@@ -76,7 +110,7 @@ class DaliOptions:
     # CPU train: shardline's one-pass resize + flip + normalize (loaders/dali_plugin.py) in place of
     # fn.resize + fn.crop_mirror_normalize; None: when the plugin builds here.
     fused_resize: bool | None = None
-    # nvJPEG / pinned buffer hints: avoid reallocations on big images. None (issue 14, item 3):
+    # nvJPEG / pinned buffer hints: avoid reallocations on big images. None:
     # scaled to the data by gpu_decoder_hints(), at most NVIDIA's ResNet-50 recipe values below,
     # which preallocate about 1.6 GB of device and 2.1 GB of pinned memory at 8 threads.
     device_memory_padding: int | None = None
@@ -108,23 +142,22 @@ IMAGENET_HINTS = {
 MIN_PADDING = 8 << 20  # nvJPEG's own defaults are 16 MB (device) and 8 MB (host)
 
 
-def gpu_decoder_hints(shards: list[Shard], opts: DaliOptions, remote: bool = False) -> dict:
-    """The mixed decoder's memory hints, scaled to the data (issue 14, item 3).
+def gpu_decoder_hints(shards: list[Shard], opts: DaliOptions, image: bytes | None = None) -> dict:
+    """The mixed decoder's memory hints, scaled to the data.
 
-    The data's size comes from the header of the largest image (in bytes) of the first shard,
-    one read: a good estimate for a shuffled set, and only a hint (a larger image makes nvJPEG
-    reallocate once, it does not fail). Paddings scale with the pixel count, never above the
-    ImageNet recipe's; options set explicitly win. A remote set keeps the recipe's values: no
-    request may bypass the shard cache, and its first shard may not be here yet.
+    The data's size comes from one image header: `image` when given (a remote set: the largest
+    JPEG of the first batch, read from the shard cache, so no request bypasses it), else the
+    largest image (in bytes) of the first shard, one read. A good estimate for a shuffled set,
+    and only a hint: a larger image makes nvJPEG reallocate once, it does not fail. Paddings
+    scale with the pixel count, never above the ImageNet recipe's; options set explicitly win.
     """
     from PIL import Image
 
-    if remote:
-        w, h = IMAGENET_HINTS["preallocate_width_hint"], IMAGENET_HINTS["preallocate_height_hint"]
-    else:
+    if image is None:
         idx = shards[0].index()
-        with Image.open(io.BytesIO(read_image_bytes(shards[0], int(np.argmax(idx.image_size))))) as im:
-            w, h = im.size
+        image = read_image_bytes(shards[0], int(np.argmax(idx.image_size)))
+    with Image.open(io.BytesIO(image)) as im:
+        w, h = im.size
     ref_w, ref_h = IMAGENET_HINTS["preallocate_width_hint"], IMAGENET_HINTS["preallocate_height_hint"]
     share = min(1.0, (w * h) / (ref_w * ref_h))
     hints = {
@@ -166,24 +199,45 @@ def eval_resize(jpegs, images, image_size: int):
     return images, {"crop_pos_x": pos(new_w), "crop_pos_y": pos(new_h)}
 
 
-@pipeline_def
-def image_pipeline(
-    paths, index_paths, *, train, image_size, gpu, out_dtype, layout, opts: DaliOptions, crops=None, hints=None
-):
-    jpegs, labels = fn.readers.webdataset(
+def read_samples(paths: list[str], index_paths: list[str], source=None):
+    """The input stage: (JPEG bytes, int64 label [1]) per row, in plan order. From the tars at
+    `paths` through per-epoch sub-indexes (local disk), or from `source`, a CachedInput (a remote set)."""
+    if source is not None:
+        return fn.external_source(
+            source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64], ndim=[1, 1]
+        )
+    return fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths,
-        ext=[";".join(IMAGE_EXTS), "label"],
+        ext=[";".join(IMAGE_EXTS), LABEL_EXT],
         dtypes=[types.UINT8, types.INT64],
         missing_component_behavior="error",
         random_shuffle=False,  # the order is the plan's
         name=READER,
     )
+
+
+@pipeline_def
+def image_pipeline(
+    paths,
+    index_paths,
+    *,
+    train,
+    image_size,
+    gpu,
+    out_dtype,
+    layout,
+    opts: DaliOptions,
+    crops=None,
+    hints=None,
+    source=None,
+):
+    jpegs, labels = read_samples(paths, index_paths, source)
     decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
     if gpu:
         decoder.update(hw_decoder_load=opts.hw_decoder_load, **(hints or {}))
         if not train:
-            # Issue 14, item 2: the mixed decoder's default chroma upsampling differs from libjpeg's
+            # The mixed decoder's default chroma upsampling differs from libjpeg's
             # (CPU decoder, PIL) on 4:2:0 JPEGs; eval promises reference pixels, so it upsamples as they
             # do. Train keeps nvJPEG's default (and the hardware decoder's speed): a random crop resized
             # and flipped is no reference to match.
@@ -235,6 +289,100 @@ def to_torch(tensor_list, device: torch.device, pool: BufferPool | None = None) 
     return out
 
 
+Batch = tuple[list[np.ndarray], list[np.ndarray]]  # per row: JPEG bytes (uint8), label (int64 [1])
+
+
+class CachedInput:
+    """fn.external_source's callable for a remote set: batch after batch of the plan, as
+    (JPEG bytes, label) per row, read from the shard cache's copies of the tars.
+
+    One thread reads `ahead` batches ahead of DALI: it waits for a batch's shards
+    (EpochReads.need), preads each row's image and label member at the offsets of its shard's
+    index, then releases the shards whose last batch that was (EpochReads.finished). Nothing
+    needs them afterwards: external_source copies the arrays when the callable returns
+    (no_copy=False), so the batches in DALI's prefetch queue hold no file. The pipeline calls
+    this once an iteration, in order, from the thread calling schedule_run; a call past the
+    plan's end (a short plan's first prefetch, never output) gets the last batch again.
+    """
+
+    def __init__(self, shards: list[Shard], ahead: int = 2) -> None:
+        self.shards, self.ahead = shards, ahead
+        self.plan: EpochPlan | None = None
+        self.reads: EpochReads | None = None
+        self.paths: dict[int, str] = {}  # shard -> local path, of the last batch read (for error messages)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self._next = 0  # the next batch to hand to the reading thread
+        self._last: Batch | None = None
+
+    def begin(self, plan: EpochPlan, reads: EpochReads) -> None:
+        """Start reading `plan` (its batch 0 first) through `reads`; the first shards' downloads
+        then overlap the pipeline's build."""
+        self.end()
+        self.plan, self.reads, self._next = plan, reads, 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dali-cached-input")
+        self._fill()
+
+    def first(self) -> Batch:
+        """The plan's first batch, waiting for it (before the pipeline asked for any)."""
+        return self._pending[0].result()
+
+    def __call__(self, iteration: int) -> Batch:
+        if not self._pending:
+            if self._last is None:
+                raise RuntimeError("the DALI pipeline asked for a batch with no plan begun")
+            return self._last
+        batch = self._pending.popleft().result()
+        self._fill()
+        self._last = batch
+        return batch
+
+    def end(self) -> None:
+        """Stop: release the epoch's shards (a read still waiting for one gives up) and the thread."""
+        if self.reads is not None:
+            self.reads.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for f in self._pending:
+            with contextlib.suppress(BaseException):
+                f.result(timeout=0)  # an early stop: a read cut short by close() goes with the epoch
+        self._pending.clear()
+        self.plan, self.reads, self._pool, self._last = None, None, None, None
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.ahead and self._next < self.plan.batches:
+            self._pending.append(self._pool.submit(self._read, self._next))
+            self._next += 1
+
+    def _read(self, b: int) -> Batch:
+        paths = self.reads.need(b)
+        self.paths = paths
+        rows = slice(b * self.plan.batch_size, (b + 1) * self.plan.batch_size)
+        fds: dict[int, int] = {}
+        jpegs, labels = [], []
+        try:
+            for s, i in zip(self.plan.shard[rows].tolist(), self.plan.sample[rows].tolist(), strict=True):
+                if s not in fds:
+                    fds[s] = os.open(paths[s], os.O_RDONLY)
+                idx = self.shards[s].index()
+                image = _pread(fds[s], int(idx.image_size[i]), int(idx.image_offset[i]), paths[s])
+                label = _pread(fds[s], LABEL_SIZE, int(idx.label_offset[i]), paths[s])
+                jpegs.append(np.frombuffer(image, np.uint8))
+                labels.append(np.frombuffer(label, LABEL_DTYPE).astype(np.int64))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.reads.finished(b)
+        return jpegs, labels
+
+
+def _pread(fd: int, size: int, offset: int, path: str) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"{path}: {size} bytes expected at offset {offset}, {len(data)} read (a truncated copy)")
+    return data
+
+
 class DaliBackend:
     name = "dali"
 
@@ -254,20 +402,19 @@ class DaliBackend:
             raise RuntimeError("fused_resize=True, but shardline's DALI plugin could not be built (see the log)")
         self._tmp = tempfile.mkdtemp(prefix="shardline-dali-")
         self.pool = BufferPool()
-        # Issue 14, item 3: evaluation of a local set reads the same plan every time (epoch 0, from
-        # batch 0), so its pipeline is built once and kept: a GPU build re-creates the decoders, and
-        # DALI's memory pools never shrink. _kept = (plan key, pipeline), reused after a complete pass.
-        self._kept: tuple[bytes, object] | None = None
-        self.hints = gpu_decoder_hints(self.shards, self.opts, remote=spec.cache is not None) if self.gpu else {}
-        self.builds: list[float] = []  # seconds each pipeline build took
+        # Evaluation reads the same plan every time (epoch 0, from batch 0), so
+        # its pipeline is built once and kept: a GPU build re-creates the decoders, and DALI's
+        # memory pools never shrink. _kept = (plan key, pipeline, its CachedInput or None),
+        # reused after a complete pass.
+        self._kept: tuple[bytes, object, CachedInput | None] | None = None
+        self.remote = spec.cache is not None
+        self._inputs: set[CachedInput] = set()  # a remote set's epochs being read (close() stops them)
+        # A remote set's hints wait for its first batch (gpu_decoder_hints): its shards may not be here yet.
+        self.hints: dict | None = gpu_decoder_hints(self.shards, self.opts) if self.gpu and not self.remote else None
+        self.builds: list[float] = []  # seconds each pipeline build took, from its sub-indexes to pipe.build()
 
-    def write_subindexes(
-        self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None
-    ) -> tuple[list[str], list[str]]:
-        """One v1.2 index per run of same-shard rows, listing those samples in plan order.
-
-        `local`: shard number -> the path of its cached copy (remote sets); else the shard's own path.
-        """
+    def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
+        """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
         for name in os.listdir(self._tmp):
             os.remove(os.path.join(self._tmp, name))
         paths, index_paths = [], []
@@ -275,8 +422,7 @@ class DaliBackend:
         for j, (shard_rows, sample_rows) in enumerate(
             zip(np.split(plan.shard, cut), np.split(plan.sample, cut), strict=True)
         ):
-            s = int(shard_rows[0])
-            shard = self.shards[s]
+            shard = self.shards[int(shard_rows[0])]
             path = os.path.join(self._tmp, f"e{epoch}-{j:05d}.idx")
             with open(path, "w") as f:
                 f.write(
@@ -284,15 +430,20 @@ class DaliBackend:
                         shard.index(), sample_rows.tolist(), IMAGE_EXTS, LABEL_EXT, np.dtype(LABEL_DTYPE).itemsize
                     )
                 )
-            if local is not None:
-                paths.append(local[s])
-            else:
-                paths.append(shard.url if is_url(shard.url) else shard.url.removeprefix("file://"))
+            paths.append(shard.url.removeprefix("file://"))
             index_paths.append(path)
         return paths, index_paths
 
-    def build(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
-        paths, index_paths = self.write_subindexes(plan, epoch, local)
+    def build(self, plan: EpochPlan, epoch: int, source: CachedInput | None = None):
+        """A pipeline over `plan`: through per-epoch sub-indexes, or fed by `source` (a remote set)."""
+        t = time.perf_counter()
+        if source is None:
+            paths, index_paths = self.write_subindexes(plan, epoch)
+        else:
+            paths, index_paths = [], []
+            if self.gpu and self.hints is None:
+                jpegs, _ = source.first()
+                self.hints = gpu_decoder_hints(self.shards, self.opts, max(jpegs, key=len).tobytes())
         half = self.dtype == torch.float16
         pipe = image_pipeline(
             paths,
@@ -305,13 +456,13 @@ class DaliBackend:
             opts=self.opts,
             crops=dali_crops.CropParams(plan, self.spec.seed, epoch) if self.train else None,
             hints=self.hints,
+            source=source,
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,
             prefetch_queue_depth=self.opts.prefetch_queue_depth,
-            seed=hash((self.spec.seed, epoch, self.spec.rank, *seed_key)) & 0x7FFFFFFF,
+            seed=hash((self.spec.seed, epoch, self.spec.rank)) & 0x7FFFFFFF,
         )
-        t = time.perf_counter()
         pipe.build()
         self.builds.append(time.perf_counter() - t)
         log.info(
@@ -322,79 +473,51 @@ class DaliBackend:
     def batches(self, plan: EpochPlan, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if plan.batches == 0:
             return
-        if self.spec.cache is not None:
-            yield from self._cached_batches(plan, epoch, self.spec.cache)
-            return
-        pipe, key = self._local_pipeline(plan, epoch)
-        yield from self._run(pipe, plan)
-        if key is not None:  # reached only after a complete pass (an early stop ends at a yield)
-            self._kept = (key, pipe)
-
-    def _local_pipeline(self, plan: EpochPlan, epoch: int) -> tuple[object, bytes | None]:
-        """(a started pipeline positioned at the plan's first row, the key to keep it under; None for train)."""
-        if self.train:
-            return self._start(plan, epoch), None
-        key = b"".join(a.tobytes() for a in (plan.shard, plan.sample, np.int64([epoch])))
+        key = None if self.train else b"".join(a.tobytes() for a in (plan.shard, plan.sample, np.int64([epoch])))
         kept, self._kept = self._kept, None
-        if kept is not None and kept[0] == key:
-            # The reader's epoch is exactly this plan and _run scheduled exactly plan.batches, so the
-            # reader stands at its first row again (random_shuffle=False: the same order). Queue
-            # as many batches as a fresh pipeline's first schedule_run does.
-            for _ in range(self.opts.prefetch_queue_depth):
-                kept[1].schedule_run()
-            return kept[1], key
-        del kept
-        return self._start(plan, epoch), key
-
-    def _cached_batches(self, plan: EpochPlan, epoch: int, cache) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """A remote set: DALI's reader opens every file of a pipeline when it is built, so the epoch
-        runs as a chain of pipelines over a few shards each, which the cache holds (pinned) meanwhile.
-        The next one is built and started in a thread as soon as its shards are here, so switching
-        costs no idle time."""
-        reads = EpochReads(cache, plan)
-        biggest = max(t.size for t in cache.tars)
-        # About SEGMENT_BYTES a pipeline (its build is then a small cost), and never more than half
-        # the limit: this pipeline's shards and the next one's are held at once.
-        runs = min(math.ceil(SEGMENT_BYTES / max(1, biggest)), cache.limit // max(1, 2 * biggest))
-        segments = reads.segments(plan.batches, max(1, runs))
-
-        def prepare(k: int):
-            b0, b1 = segments[k]
-            local = reads.need(b1 - 1)
-            rows = slice(b0 * self.batch_size, b1 * self.batch_size)
-            part = EpochPlan(plan.shard[rows], plan.sample[rows], plan.valid[rows], self.batch_size)
-            return self._start(part, epoch, local, seed_key=(b0,) if b0 else ()), part, local
-
-        builder = ThreadPoolExecutor(1, thread_name_prefix="dali-next")
-        ahead = builder.submit(prepare, 0)
+        if kept is not None and (kept[0] != key or plan.batches < self.opts.prefetch_queue_depth):
+            kept = None  # another plan, or a short one whose last pass left batches queued
+        source = kept[2] if kept is not None else CachedInput(self.shards) if self.remote else None
+        for other in list(self._inputs):  # an epoch stopped but not collected: the cache reads one at a time
+            other.end()
+            self._inputs.discard(other)
+        if source is not None:
+            # Before the build: the first shards' downloads overlap it.
+            source.begin(plan, EpochReads(self.spec.cache, plan))
+            self._inputs.add(source)
         try:
-            for k, (_, b1) in enumerate(segments):
-                pipe, part, local = ahead.result()
-                ahead = builder.submit(prepare, k + 1) if k + 1 < len(segments) else None
-                yield from self._run(pipe, part, local)
-                del pipe
-                reads.finished(b1 - 1)
+            pipe = self._start(plan, epoch, source) if kept is None else self._restart(kept[1])
+            del kept
+            yield from self._run(pipe, plan, source)
+            if key is not None:  # reached only after a complete pass (an early stop ends at a yield)
+                self._kept = (key, pipe, source)
         finally:
-            reads.close()  # first: a next pipeline still waiting for its shards then gives up
-            if ahead is not None:
-                with contextlib.suppress(Exception):
-                    ahead.result()  # an early stop: the next pipeline, built or not, goes with the epoch
-            builder.shutdown(wait=True)
+            if source is not None:
+                source.end()
+                self._inputs.discard(source)
 
-    def _start(self, plan: EpochPlan, epoch: int, local: dict[int, str] | None = None, seed_key: tuple = ()):
+    def _restart(self, pipe):
+        """A kept pipeline, for the same plan again. Its last pass consumed every batch it
+        scheduled (_run schedules exactly plan.batches, at least the queue depth), so its input
+        stands at the plan's first row: the reader (random_shuffle=False) in the same order, or
+        the CachedInput begun on this plan. Queue as many batches as a fresh pipeline's first
+        schedule_run does."""
+        for _ in range(self.opts.prefetch_queue_depth):
+            pipe.schedule_run()
+        return pipe
+
+    def _start(self, plan: EpochPlan, epoch: int, source: CachedInput | None):
         """A built pipeline with its prefetch queue already filling (the first schedule_run queues
         prefetch_queue_depth batches)."""
-        pipe = self.build(plan, epoch, local, seed_key)
+        pipe = self.build(plan, epoch, source)
         pipe.schedule_run()
         return pipe
 
-    def _run(
-        self, pipe, plan: EpochPlan, local: dict[int, str] | None = None
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _run(self, pipe, plan: EpochPlan, source: CachedInput | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # schedule_run/outputs rather than run(): run() always queues one batch past the last,
         # which the reader would read and decode for nothing.
         scheduled = self.opts.prefetch_queue_depth
-        # Issue 14, item 4: outputs on torch's current stream, not host-synchronous, so the CPU
+        # Outputs on torch's current stream, not host-synchronous, so the CPU
         # can run ahead of the GPU (to_torch copies on the same stream).
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
         try:
@@ -402,7 +525,7 @@ class DaliBackend:
                 try:
                     images, labels = pipe.outputs(stream)
                 except RuntimeError as e:
-                    raise self._explain(e, plan.from_batch(b), local) from e
+                    raise self._explain(e, plan.from_batch(b), source) from e
                 x = to_torch(images, self.device, self.pool)
                 y = to_torch(labels, self.device).view(-1)
                 if scheduled < plan.batches:
@@ -416,11 +539,13 @@ class DaliBackend:
         finally:
             del pipe
 
-    def _explain(self, e: RuntimeError, ahead: EpochPlan, local: dict[int, str] | None) -> Exception:
-        """DALI names neither sample nor key: find it among the batches in flight."""
+    def _explain(self, e: RuntimeError, ahead: EpochPlan, source: CachedInput | None) -> Exception:
+        """DALI names neither sample nor key: find it among the batches in flight (a remote set:
+        in the cached copies still there, else at the shard's URL)."""
         n = (self.opts.prefetch_queue_depth + 1) * self.batch_size
         ahead = EpochPlan(ahead.shard[:n], ahead.sample[:n], ahead.valid[:n], self.batch_size)
-        err = find_undecodable(self.shards, ahead, (local or {}).get)
+        local = dict(source.paths) if source is not None else {}
+        err = find_undecodable(self.shards, ahead, lambda s: local[s] if os.path.exists(local.get(s, "")) else None)
         if err is not None:
             return err
         names = sorted({self.shards[s].url for s in ahead.shard.tolist()})
@@ -428,5 +553,8 @@ class DaliBackend:
 
     def close(self) -> None:
         self._kept = None
+        for source in list(self._inputs):  # an epoch stopped but not yet collected
+            source.end()
+        self._inputs.clear()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._tmp)

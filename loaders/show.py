@@ -12,35 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
-from PIL import Image
 
 from loaders.api import Loader, make_loader
-from loaders.common import IMAGENET_MEAN, IMAGENET_STD, DecodeError
-from shards.grid import image_grid
+from loaders.common import DecodeError
+from loaders.pixels import batch_grid
+from shards.redact import redact_text
 
 MIN_CELL = 128  # small crops (CIFAR's 32 px) are enlarged to this, so they and their captions can be read
-
-
-def to_pixels(images: torch.Tensor) -> np.ndarray:
-    """Normalized N x 3 x H x W (any float dtype, any device) -> N x H x W x 3 uint8, undoing the loader's normalization."""
-    x = images.detach().float().cpu()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def batch_grid(
-    images: torch.Tensor,
-    captions: list[str] | None = None,
-    marked: list[bool] | None = None,
-    columns: int = 8,
-    cell: int | None = None,
-) -> Image.Image:
-    """The grid of a normalized batch: what the model sees (1:1 pixels unless `cell` enlarges them)."""
-    return image_grid(list(to_pixels(images)), captions, marked, columns=columns, cell=cell)
 
 
 def first_batch(loader: Loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -122,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         images, labels, valid, keys = first_batch(loader)
     except (ValueError, OSError, ImportError, DecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_text(str(e), *args.spec)}", file=sys.stderr)
         return 2
     captions = captions_for(labels, keys, loader.classes)
     padding = (~valid).tolist()

@@ -6,7 +6,7 @@
 Builds --copies x the photos into shards (once, in a temporary folder), then alternates the two
 graphs --repeats times each in one process (A, B, A, B, ...: a shared machine's load drifts over
 minutes, alternation spreads it over both), two epochs per measurement, the first batch (pipeline
-build) left out. "dali-random" swaps in what the loader used before issue 15:
+build) left out. "dali-random" swaps in DALI's own crop, what the loader used before per-sample crops:
 fn.decoders.image_random_crop + fn.random.coin_flip, seeded per pipeline. Prints images/s per
 repeat and the median, and CPU ms per image (all threads: what a loaded machine cannot inflate).
 """

@@ -10,19 +10,18 @@ is checked against the file's MD5, as a real download is.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from faulty_http import FaultyServer
+from bench_cli import finish, parse_args, parser, use_repo
 
-from shards.fetch import RetryPolicy, fetch
+use_repo()
+from faulty_http import FaultyServer  # noqa: E402 (tests/ is on sys.path from here on)
+
+from shards.fetch import RetryPolicy, fetch  # noqa: E402
 
 CASES = {
     "clean": {},
@@ -32,10 +31,9 @@ CASES = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--mb", type=int, default=256, help="size of the served file in MiB (default 256)")
-    ap.add_argument("--json", action="store_true", help="end with one line of JSON holding the results")
-    args = ap.parse_args()
+    args = parse_args(ap)
     with tempfile.TemporaryDirectory() as tmp:
         served = Path(tmp, "served")
         served.mkdir()
@@ -59,8 +57,7 @@ def main() -> None:
             })  # fmt: skip
             print(f"{name:22s} {args.mb} MiB in {secs:6.2f} s = {args.mb / secs:7.1f} MiB/s "
                   f"({len(srv.requests)} requests, {resumes} resumed with Range, {faults_seen} answered 503)")  # fmt: skip
-    if args.json:
-        print(json.dumps({"results": results}))
+    finish(args, results)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,16 @@ summed over splits, from the flow's summary rows) and images/s over that phase.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from bench_cli import REPO, finish, parse_args, parser, use_repo
+
+use_repo()
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
@@ -39,15 +38,14 @@ def digests(out: Path) -> dict[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--classes", type=int, default=20, help="classes in the fixture (default 20)")
     ap.add_argument("--per-class", type=int, default=50, help="train images per class (default 50)")
     ap.add_argument("--val-per-class", type=int, default=10, help="val images per class (default 10)")
     ap.add_argument("--workers", type=int, default=2, help="processes for both runners (default 2)")
     ap.add_argument("--shard-size", default="8MB", help="target shard size (default 8MB)")
     ap.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of n<wnid>_*.JPEG photos")
-    ap.add_argument("--json", action="store_true", help="end with one line of JSON holding the results")
-    args = ap.parse_args()
+    args = parse_args(ap)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -84,8 +82,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['runner']} ({r['workers']} workers) | {r['images']} | {r['shards']} | {r['flow_wall_s']} | "
               f"{r['write_s']} | {r['images_per_sec_write']} | {r['load_avg_1min_at_start']} |")  # fmt: skip
-    if args.json:
-        print(json.dumps({"results": results}))
+    finish(args, results)
 
 
 if __name__ == "__main__":

@@ -6,41 +6,31 @@
         records = [write_shard(source, s, storage, options, plan.params) for s in plan.shards]  # parallel-safe
         manifest = finish(storage, source, plan, records, options.image_ext, lock)  # written last
 
-`build()` runs them with a process pool; flows/ runs them as Prefect tasks. Resume
-works at shard granularity: after a shard's tar and index are published, a small record
-(`_progress/<name>.json`) is published too, holding its checksum, counts, quarantine list and
-a fingerprint of what it was planned to hold. A rerun reuses every shard whose record
-matches the plan and whose tar is there at the recorded size, and rewrites the rest; the
-bytes are a pure function of the plan, so the result equals an uninterrupted run's.
+`build()` runs them with the shard process pool (shards/pool.py); flows/ runs them as Prefect
+tasks. Resume works at shard granularity (shards/write.py's progress records). What to build
+and with which options, as the CLI decides it, is shards/build_request.py's BuildRequest.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
-from shards.images import BadImage, pack
 from shards.interop import write_reader_files
 from shards.lock import OutputLock
 from shards.manifest import MANIFEST, ManifestError, new_manifest, read_manifest, shard_pattern, write_manifest
 from shards.plan import ShardSpec, plan_split
+from shards.pool import ShardPool
 from shards.storage import Storage
 from shards.types import Options, Quarantined, Source
-from shards.writer import ShardWriter
+from shards.write import PROGRESS_DIR, BuildError, ShardRecord, record_name, write_shard
+from shards.writer import SAMPLE_OVERHEAD, SHARD_OVERHEAD
 
 log = logging.getLogger("shards")
-PROGRESS_DIR = "_progress"
-
-
-class BuildError(RuntimeError):
-    """A problem that stops the build before or instead of writing anything wrong."""
 
 
 @dataclass
@@ -53,29 +43,6 @@ class Plan:
 
     def split_shards(self, split: str) -> list[ShardSpec]:
         return [s for s in self.shards if s.split == split]
-
-
-@dataclass
-class ShardRecord:
-    name: str
-    index: str
-    split: str
-    samples: int
-    bytes: int
-    sha256: str
-    fingerprint: str
-    seconds: float
-    reused: bool = False
-    quarantine: list[dict] = field(default_factory=list)
-
-    def manifest_entry(self) -> dict:
-        return {
-            "name": self.name,
-            "index": self.index,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-        }
 
 
 def prepare(source: Source, options: Options, splits: Iterable[str] | None = None) -> Plan:
@@ -94,77 +61,6 @@ def prepare(source: Source, options: Options, splits: Iterable[str] | None = Non
             raise BuildError(f"{source.dataset}: split {split!r} has no images")
         shards += plan_split(source.dataset, split, items, options)
     return Plan(source.dataset, params, shards, quarantine, wanted)
-
-
-def _record_name(spec: ShardSpec) -> str:
-    return f"{PROGRESS_DIR}/{spec.name}.json"
-
-
-def _reusable(storage: Storage, spec: ShardSpec, fingerprint: str) -> ShardRecord | None:
-    try:
-        rec = ShardRecord(**json.loads(storage.read_bytes(_record_name(spec))))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
-        return None
-    if rec.fingerprint != fingerprint:
-        return None
-    try:
-        if storage.size(spec.name) != rec.bytes or not storage.exists(spec.index_name):
-            return None
-    except FileNotFoundError:
-        return None
-    rec.reused = True
-    return rec
-
-
-def write_shard(source: Source, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
-    """Write (or reuse) one shard with its index and progress record. Safe to retry."""
-    fingerprint = spec.fingerprint(params)
-    done = _reusable(storage, spec, fingerprint)
-    if done is not None:
-        return done
-    start = time.perf_counter()
-    quarantine: list[dict] = []
-    with storage.staging(spec.name) as tar_tmp, storage.staging(spec.index_name) as idx_tmp:
-        with open(tar_tmp, "wb", buffering=1 << 20) as f:
-            w = ShardWriter(f)
-            for item in spec.items:
-                try:
-                    packed = pack(
-                        source.read(item),
-                        verify=options.verify,
-                        max_side=options.max_side,
-                        quality=options.jpeg_quality,
-                        max_pixels=options.max_pixels,
-                        keep_png=options.image_ext == "png",
-                    )
-                except BadImage as e:
-                    quarantine.append(Quarantined(item.key, item.source, str(e)).to_json())
-                    continue
-                except OSError as e:
-                    raise BuildError(f"{spec.name}: cannot read {item.source}: {e}") from e
-                meta = {
-                    "class": item.class_id,
-                    "source": item.source,
-                    "width": packed.width,
-                    "height": packed.height,
-                    "repaired": packed.repaired,
-                }
-                if packed.original_size:
-                    meta["original_size"] = list(packed.original_size)
-                w.add(item.key, packed.data, packed.ext, item.label, meta)
-            w.close()
-            size = w.offset
-        with open(idx_tmp, "w") as f:
-            f.write(w.index_text())
-        # Index first: a tar is never visible without its index. The record goes last.
-        storage.publish(spec.index_name, idx_tmp)
-        storage.publish(spec.name, tar_tmp)
-    rec = ShardRecord(
-        spec.name, spec.index_name, spec.split, w.samples, size, w.sha256, fingerprint,
-        round(time.perf_counter() - start, 3), False, quarantine,
-    )  # fmt: skip
-    storage.write_bytes_atomic(_record_name(spec), json.dumps(asdict(rec)).encode())
-    return rec
 
 
 def check_output(storage: Storage, plan: Plan) -> dict | None:
@@ -194,15 +90,9 @@ def check_output(storage: Storage, plan: Plan) -> dict | None:
     return None
 
 
-# Beside the image bytes, per sample: four tar headers, the padding of four members, the
-# .cls/.<ext>/.json contents and the .idx line (about 5 KB measured on real photos); per
-# shard: the tar's end blocks and record padding.
-SAMPLE_OVERHEAD = 6 * 1024
-SHARD_OVERHEAD = 20 * 1024
-
-
 def estimated_bytes(plan: Plan) -> int:
-    """What the shards of the plan will take: the source's image sizes plus the tar's overhead."""
+    """What the shards of the plan will take: the source's image sizes plus the tar's overhead
+    (shards/writer.py's, the same the plan cuts shards by)."""
     images = sum(it.size + SAMPLE_OVERHEAD for s in plan.shards for it in s.items)
     return images + SHARD_OVERHEAD * len(plan.shards)
 
@@ -262,7 +152,7 @@ def finish(
     write_reader_files(storage, m)  # timm's _info.json, wids indexes: before the completeness marker
     write_manifest(storage, m)
     for s in plan.shards:
-        storage.remove(_record_name(s))
+        storage.remove(record_name(s))
     storage.remove(PROGRESS_DIR)
     return m
 
@@ -340,20 +230,20 @@ def _write_shards(
     workers: int | None,
     progress: Callable[[ShardRecord], None] | None,
 ) -> list[ShardRecord]:
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = min(max(1, workers or os.cpu_count() or 1), len(plan.shards))  # no idle processes for a small set
     records: list[ShardRecord] = []
     # Biggest first so one slow shard does not run alone at the end.
     specs = sorted(plan.shards, key=lambda s: -len(s.items))
-    if workers == 1:
+    if workers <= 1:
         for s in specs:
             records.append(write_shard(source, s, storage, options, plan.params))
             if progress:
                 progress(records[-1])
-    else:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = [pool.submit(write_shard, source, s, storage, options, plan.params) for s in specs]
-            for fut in cf.as_completed(futs):
-                records.append(fut.result())
-                if progress:
-                    progress(records[-1])
+        return records
+    with ShardPool(source, workers) as pool:
+        futs = [pool.submit(s, storage, options, plan.params) for s in specs]
+        for fut in cf.as_completed(futs):
+            records.append(fut.result())
+            if progress:
+                progress(records[-1])
     return records

@@ -5,6 +5,9 @@ the archives of the requested splits are fetched, plus the devkit, each verified
 official MD5 (or `--md5 NAME=HEX`, which wins). CIFAR-10: the URL of cifar-10-python.tar.gz
 or of a folder holding it. Image folders: the URL of one .tar/.tar.gz/.zip of the tree,
 extracted safely (no member outside the target) under the cache.
+
+A query on the URL (a token the server asks for) goes with every archive fetched below it;
+file names and progress name each archive by its path alone, never by its credentials.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import zipfile
 from collections.abc import Callable
 
 from shards.checksums import expected_md5
-from shards.fetch import FetchError, RetryPolicy, fetch
+from shards.fetch import FetchError, RetryPolicy, fetch, url_file_name
 from shards.sources.imagenet import DEVKIT, TRAIN_TAR, VAL_TAR
 from shards.storage import is_url
 
@@ -32,7 +35,10 @@ def archive_names(dataset: str, source: str | None) -> tuple[str, ...]:
     """The archive file names a `--md5 NAME=HEX` may name for this dataset and source."""
     if dataset == "imagenet":
         return tuple(IMAGENET_ARCHIVES.values())
-    base = (source or "").rstrip("/").rsplit("/", 1)[-1]
+    try:
+        base = url_file_name(source) if source and is_url(source) else (source or "").rstrip("/").rsplit("/", 1)[-1]
+    except FetchError:  # a bare host: no archive named by the URL itself
+        base = ""
     if dataset == "cifar10":
         return (base,) if base.endswith((".tar.gz", ".tgz")) else (CIFAR10_ARCHIVE,)
     if dataset == "imagefolder" and source and is_url(source):
@@ -40,9 +46,15 @@ def archive_names(dataset: str, source: str | None) -> tuple[str, ...]:
     return ()  # a local folder or a generated set: no archive
 
 
+def _below(folder_url: str, name: str) -> str:
+    """The URL of `name` inside a folder URL, the folder's query (a token) kept at the end."""
+    head, mark, query = folder_url.partition("?")
+    return f"{head.rstrip('/')}/{name}{mark}{query}"
+
+
 def _fetch_all(urls: list[str], cache_dir: str, md5: dict[str, str] | None, policy, progress, workers) -> list[str]:
     def one(url: str) -> str:
-        name = url.rsplit("/", 1)[-1]
+        name = url_file_name(url)
         cb = (lambda done, total: progress(name, done, total)) if progress else None
         return fetch(url, cache_dir, md5=expected_md5(name, md5), policy=policy, progress=cb)
 
@@ -98,11 +110,11 @@ def localize_source(
     base = source.rstrip("/")
     if dataset == "imagenet":
         wanted = [IMAGENET_ARCHIVES[s] for s in (splits or ["train", "val"]) if s in IMAGENET_ARCHIVES]
-        urls = [f"{base}/{n}" for n in [*wanted, IMAGENET_ARCHIVES["devkit"]]]
+        urls = [_below(base, n) for n in [*wanted, IMAGENET_ARCHIVES["devkit"]]]
         paths = _fetch_all(urls, cache_dir, md5, policy, progress, workers)
         return os.path.dirname(paths[0])
     if dataset == "cifar10":
-        url = base if base.endswith((".tar.gz", ".tgz")) else f"{base}/{CIFAR10_ARCHIVE}"
+        url = base if url_file_name(base).endswith((".tar.gz", ".tgz")) else _below(base, CIFAR10_ARCHIVE)
         return _fetch_all([url], cache_dir, md5, policy, progress, 1)[0]
     if dataset == "imagefolder":
         (archive,) = _fetch_all([base], cache_dir, md5, policy, progress, 1)

@@ -5,18 +5,28 @@ in the cache folder; after a dropped connection the next attempt asks only for t
 (HTTP Range, or a ranged S3 GET), with exponential backoff and jitter between attempts. A
 finished file is checked against its MD5 before it takes its final name, and a sidecar
 `<name>.md5` lets the next run reuse it without hashing 150 GB again.
+
+A URL may carry credentials (user:password@, a presigned URL's signature): it is used only to
+open the connection. The cache's file names come from the URL's path alone (`url_file_name`),
+and every message, log line and exception text here names the redacted URL (shards/redact.py).
+Two URLs that differ only in their credentials (a presigned URL signed again, another user's
+password) name the same object, so they share one cache entry: a fresh signature resumes the
+`.part` of an expired one instead of starting over, and the MD5 check stands as before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 import requests
 
 from shards.checksums import md5_file
+from shards.redact import redact_text, redact_url
 from shards.retry import RetryPolicy, retry_call
 from shards.storage import is_url
 
@@ -32,6 +42,16 @@ class _Retryable(Exception):
     pass
 
 
+def url_file_name(url: str) -> str:
+    """The file name a URL's object has here: its path's last part, percent-decoded, without the
+    query or fragment (where a presigned URL's signature is) or the userinfo (where a password is)."""
+    path = urlsplit(redact_url(url)).path if "://" in url else url
+    name = posixpath.basename(unquote(path).rstrip("/"))
+    if not name or name in (".", "..") or "\0" in name:
+        raise FetchError(f"{redact_url(url)}: the URL names no file")
+    return name
+
+
 def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
     have = os.path.getsize(part) if os.path.exists(part) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
@@ -42,7 +62,7 @@ def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[
             if r.status_code in (429,) or r.status_code >= 500:
                 raise _Retryable(f"HTTP {r.status_code}")
             if r.status_code >= 400:
-                raise FetchError(f"{url}: HTTP {r.status_code} {r.reason}")
+                raise FetchError(f"{redact_url(url)}: HTTP {r.status_code} {r.reason}")
             if have and r.status_code != 206:
                 have = 0  # the server ignored Range: start over rather than append garbage
             total = r.headers.get("Content-Length")
@@ -55,8 +75,11 @@ def _http_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[
                         progress(have, total)
             if total is not None and have < total:
                 raise _Retryable(f"connection closed at {have} of {total} bytes")
+    # requests and urllib3 quote the URL (its query, sometimes decoded) in their messages
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-        raise _Retryable(f"{type(e).__name__}: {e}") from None
+        raise _Retryable(f"{type(e).__name__}: {redact_text(str(e), url)}") from None
+    except requests.RequestException as e:  # a bad URL, too many redirects: the same on every try
+        raise FetchError(f"{redact_url(url)}: {type(e).__name__}: {redact_text(str(e), url)}") from None
 
 
 def _fs_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[int, int | None], None] | None) -> None:
@@ -76,12 +99,15 @@ def _fs_attempt(url: str, part: str, policy: RetryPolicy, progress: Callable[[in
                 have += len(chunk)
                 if progress:
                     progress(have, total)
+    # botocore and aiohttp quote the URL, or its bucket and key, in their messages
     except FileNotFoundError:
-        raise FetchError(f"{url}: not found") from None
+        raise FetchError(f"{redact_url(url)}: not found") from None
     except PermissionError as e:
-        raise FetchError(f"{url}: access denied: {e}") from None
+        raise FetchError(f"{redact_url(url)}: access denied: {redact_text(str(e), url)}") from None
     except OSError as e:  # s3fs maps throttling and 5xx to OSError subclasses after its own retries
-        raise _Retryable(f"{type(e).__name__}: {e}") from None
+        raise _Retryable(f"{type(e).__name__}: {redact_text(str(e), url)}") from None
+    except (ValueError, TypeError) as e:  # fsspec's answer to a URL it cannot parse
+        raise FetchError(f"{redact_url(url)}: {type(e).__name__}: {redact_text(str(e), url)}") from None
 
 
 def _download(url: str, part: str, policy: RetryPolicy, progress) -> None:
@@ -91,11 +117,11 @@ def _download(url: str, part: str, policy: RetryPolicy, progress) -> None:
             lambda: attempt_fn(url, part, policy, progress),
             policy=policy,
             retryable=lambda e: isinstance(e, _Retryable),
-            what=url,
+            what=redact_url(url),
             log=log,
         )
     except _Retryable as e:
-        raise FetchError(f"{url}: giving up after {policy.attempts} attempts: {e}") from None
+        raise FetchError(f"{redact_url(url)}: giving up after {policy.attempts} attempts: {e}") from None
 
 
 def fetch(
@@ -120,7 +146,7 @@ def fetch(
             raise FetchError(f"{path}: MD5 {got} does not match the expected {md5}")
         return path
     os.makedirs(cache_dir, exist_ok=True)
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    name = url_file_name(url)
     final, part, sidecar = (os.path.join(cache_dir, n) for n in (name, name + ".part", name + ".md5"))
     if os.path.exists(final) and os.path.exists(sidecar):
         with open(sidecar) as f:

@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 
+from shards.redact import redact_text, redact_url, redact_values
 from shards.retry import retry_call
 from shards.storage import REMOTE_POLICY, Storage, transient
 
@@ -61,7 +62,8 @@ def _holder_record(params: dict | None) -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "params": params or {},
+        # read by other builds and, on object storage, by anyone who can list the bucket
+        "params": redact_values(params or {}),
     }
 
 
@@ -70,7 +72,7 @@ def _held_message(root: str, holder: dict | None) -> str:
         who = f"build pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
     else:
         who = "another build"
-    return f"{root} is locked by {who}: wait, or choose another --output (or pass --wait)"
+    return f"{redact_url(root)} is locked by {who}: wait, or choose another --output (or pass --wait)"
 
 
 class _FileLock:
@@ -213,7 +215,7 @@ class _S3Lease:
         while not self._stop.wait(self.ttl / 3) and not self.lost.is_set():
             self.renew_once()
         if self.lost.is_set():
-            log.error("lost the lease on %s: another build took the output over", self.storage.root)
+            log.error("lost the lease on %s: another build took the output over", redact_url(self.storage.root))
 
     def renew_once(self) -> None:
         try:
@@ -224,11 +226,13 @@ class _S3Lease:
             if e.errno == errno.EINVAL:  # 412: taken over after we missed our renewals
                 self.lost.set()
             else:  # a network blip: the next renewal, well inside the ttl, tries again
-                log.warning("lease on %s not renewed: %s", self.storage.root, e)
+                log.warning("lease on %s not renewed: %s", redact_url(self.storage.root), redact_text(str(e)))
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise LockLost(f"{self.storage.root}: this build's lease was taken over by another build; not publishing")
+            raise LockLost(
+                f"{redact_url(self.storage.root)}: this build's lease was taken over by another build; not publishing"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -275,7 +279,8 @@ class OutputLock:
             self._impl = _S3Lease(storage, params, ttl)
         else:  # gs://, memory://, ...: no conditional put here yet; say so rather than pretend
             log.warning(
-                "%s: no output lock on this kind of store (local and s3:// only): one build at a time", storage.root
+                "%s: no output lock on this kind of store (local and s3:// only): one build at a time",
+                redact_url(storage.root),
             )
             self._impl = _NoLock()
 
@@ -294,8 +299,10 @@ class OutputLock:
         try:
             return self._impl.try_acquire()
         except OSError as e:  # a missing bucket, bad credentials, a read-only folder: one line
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PermissionError(f"cannot write to {self.storage.root}: {type(e).__name__}: {reason}") from None
+            reason = redact_text(str(e).splitlines()[0], self.storage.root) if str(e) else type(e).__name__
+            raise PermissionError(
+                f"cannot write to {redact_url(self.storage.root)}: {type(e).__name__}: {reason}"
+            ) from None
 
     def check(self) -> None:
         """Raise LockLost if the lock is no longer ours (call before publishing the manifest)."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import struct
 from dataclasses import dataclass
 
 from braceexpand import braceexpand
 
+from shards.redact import redact_url
 from shards.storage import Storage, is_url
 
 MANIFEST = "manifest.json"
@@ -22,11 +24,23 @@ VERSION = 1
 IMAGE_EXTS = ("jpg", "png")  # DESIGN.md section 2: the image member; every reader accepts both
 LABEL_EXT = "label"  # fixed-width binary label member: little-endian int64
 LABEL_DTYPE = "int64"
+_LABEL_STRUCT = struct.Struct("<q")  # LABEL_DTYPE, little-endian
+LABEL_BYTES = _LABEL_STRUCT.size
 
 
-def shard_name(dataset: str, split: str, index: int, count: int) -> str:
+def encode_label(label: int) -> bytes:
+    """The .label member of a sample."""
+    return _LABEL_STRUCT.pack(label)
+
+
+def decode_label(data: bytes) -> int:
+    """A .label member's bytes back to the label."""
+    return _LABEL_STRUCT.unpack(data)[0]
+
+
+def shard_name(dataset: str, split: str, number: int, count: int) -> str:
     width = max(3, len(str(count - 1)))
-    return f"{dataset}-{split}-{index:0{width}d}.tar"
+    return f"{dataset}-{split}-{number:0{width}d}.tar"
 
 
 def shard_pattern(dataset: str, split: str, count: int) -> str:
@@ -68,11 +82,11 @@ def read_manifest(root: str | Storage) -> dict:
     try:
         m = json.loads(storage.read_bytes(MANIFEST))
     except FileNotFoundError:
-        raise ManifestError(f"no {MANIFEST} in {storage.root}: the shard set is missing or incomplete") from None
+        raise ManifestError(f"no {MANIFEST} in {storage.shown}: the shard set is missing or incomplete") from None
     except json.JSONDecodeError as e:
-        raise ManifestError(f"{storage.url(MANIFEST)} is not valid JSON: {e}") from None
+        raise ManifestError(f"{redact_url(storage.url(MANIFEST))} is not valid JSON: {e}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ManifestError(f"{storage.url(MANIFEST)}: not a {FORMAT} v{VERSION} manifest")
+        raise ManifestError(f"{redact_url(storage.url(MANIFEST))}: not a {FORMAT} v{VERSION} manifest")
     return m
 
 
@@ -90,14 +104,15 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
 
     SPEC is a brace pattern, a list of paths/patterns, a folder (or URL) holding
     manifest.json (then `split` picks the split), or a single tar path/URL. Sample counts and
-    indexes come from the manifest beside the shards when there is one.
+    indexes come from the manifest beside the shards when there is one. A URL's query (a token
+    the server asks for) goes with every URL made from it: the manifest's, each index's.
     """
     specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
-    if len(specs) == 1 and not specs[0].endswith(".tar") and "{" not in specs[0]:
+    if len(specs) == 1 and not _path_of(specs[0]).endswith(".tar") and "{" not in specs[0]:
         storage = Storage(specs[0])
         m = read_manifest(storage)
         if split not in m["splits"]:
-            raise ManifestError(f"{storage.root}: manifest has no split {split!r} (has {sorted(m['splits'])})")
+            raise ManifestError(f"{storage.shown}: manifest has no split {split!r} (has {sorted(m['splits'])})")
         refs = [
             ShardRef(storage.url(s["name"]), storage.url(s["index"]), s["samples"])
             for s in m["splits"][split]["shards"]
@@ -107,7 +122,8 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
     if not urls:
         raise ManifestError("no shards given")
     # Look for a manifest beside the first shard, for counts; shards may be a subset.
-    parent = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
+    first, query = _path_of(urls[0]), urls[0][len(_path_of(urls[0])) :]
+    parent = first.rsplit("/", 1)[0] + query if "/" in first else "."
     manifest, by_name = None, {}
     try:
         manifest = read_manifest(parent)
@@ -120,8 +136,14 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
     for u in urls:
         if not is_url(u) and not os.path.exists(u):
             raise ManifestError(f"shard not found: {u}")
-        name = u.rsplit("/", 1)[-1]
-        idx = u[: -len(".tar")] + ".idx" if u.endswith(".tar") else None
+        path = _path_of(u)
+        name, query = path.rsplit("/", 1)[-1], u[len(path) :]
+        idx = path[: -len(".tar")] + ".idx" + query if path.endswith(".tar") else None
         rec = by_name.get(name)
         refs.append(ShardRef(u, idx, rec["samples"] if rec else None))
     return refs, manifest
+
+
+def _path_of(url: str) -> str:
+    """A URL without its query (the part that names the object); a local path as it is."""
+    return url.partition("?")[0] if is_url(url) else url

@@ -15,16 +15,14 @@ from dataclasses import dataclass
 
 from shards.manifest import index_name, shard_name
 from shards.types import Item, Options
-
-# Per-member tar overhead (header + padding) and label/json members, for byte planning.
-_SAMPLE_OVERHEAD = 4 * 512 + 512 + 256
+from shards.writer import SAMPLE_OVERHEAD
 
 
 @dataclass(frozen=True)
 class ShardSpec:
     dataset: str
     split: str
-    index: int
+    number: int  # the shard number: its position in the split
     name: str  # imagenet-train-000.tar
     items: tuple[Item, ...]
 
@@ -62,7 +60,7 @@ def cut(items: list[Item], options: Options) -> list[list[Item]]:
     if options.shard_samples:
         count = -(-n // options.shard_samples)
     else:
-        total = sum(it.size + _SAMPLE_OVERHEAD for it in items)
+        total = sum(it.size + SAMPLE_OVERHEAD for it in items)
         count = max(1, round(total / options.shard_bytes))
     count = min(count, n)
     base, extra = divmod(n, count)

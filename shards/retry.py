@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from shards.redact import redact_text
+
 T = TypeVar("T")
 
 
@@ -38,7 +40,8 @@ def retry_call(
 ) -> T:
     """Call `fn` until it returns, retrying the exceptions `retryable` accepts; the last one propagates.
 
-    `what` names the operation in the warning logged before each wait.
+    `what` names the operation in the warning logged before each wait; that line is redacted
+    (shards/redact.py), as the errors of client libraries often quote the URL they called.
     """
     for attempt in range(policy.attempts):
         try:
@@ -47,6 +50,13 @@ def retry_call(
             if attempt == policy.attempts - 1 or not retryable(e):
                 raise
             wait = policy.delay(attempt)
-            log.warning("%s: %s; retrying in %.1fs (attempt %d/%d)", what, e, wait, attempt + 2, policy.attempts)
+            log.warning(
+                "%s: %s; retrying in %.1fs (attempt %d/%d)",
+                redact_text(what),
+                redact_text(str(e)),
+                wait,
+                attempt + 2,
+                policy.attempts,
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")

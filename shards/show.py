@@ -77,7 +77,7 @@ def read_samples(path: str, split: str = "train", count: int = 32, seed: int = 0
     storage = Storage(path)
     m = read_manifest(storage)
     if split not in m["splits"]:
-        raise ManifestError(f"{storage.root}: no split {split!r} (has {sorted(m['splits'])})")
+        raise ManifestError(f"{storage.shown}: no split {split!r} (has {sorted(m['splits'])})")
     if count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
     shards = m["splits"][split]["shards"]

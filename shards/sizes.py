@@ -22,7 +22,7 @@ _UNITS = {
     "tib": 2**40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-EXAMPLES = "1GB, 500MB, 64MiB, 1.5TB, 1000000"
+EXAMPLES = "1GB, 500MB, 64MiB, 1000000"
 
 
 def parse_size(value: str | int, option: str = "size") -> int:

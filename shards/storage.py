@@ -4,6 +4,9 @@ Everything that writes goes through `Storage.publish`, which makes an object vis
 once it is whole: locally a temporary name in the same folder then `os.replace` (atomic on
 POSIX); remotely an upload of a finished local file (s3fs uploads large files in multipart
 and S3 only shows an object when its upload completes).
+
+A remote root may end in a query (`https://host/set?token=...`, a server that wants a token on
+every request): the query goes with every object's URL, after its name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import BinaryIO
 
 import fsspec
 
+from shards.redact import redact_text, redact_url
 from shards.retry import RetryPolicy, retry_call
 
 TMP_MARK = ".tmp-"  # temporary names carry this; a rerun deletes any it finds
@@ -66,6 +70,10 @@ class Storage:
     def __init__(self, root: str | os.PathLike, scratch: str | None = None) -> None:
         self.root = str(root).rstrip("/")
         self.remote = is_url(self.root)
+        self.query = ""  # "?..." of a remote root, appended to every object's URL
+        if self.remote and "?" in self.root:
+            head, _, query = self.root.partition("?")
+            self.root, self.query = head.rstrip("/"), f"?{query}"
         if self.remote:
             options = S3_OPTIONS if self.root.startswith(("s3://", "s3a://")) else {}
             self.fs, self._root_path = fsspec.core.url_to_fs(self.root, **options)
@@ -75,13 +83,18 @@ class Storage:
         self.scratch = scratch  # local folder for remote uploads' staging files
 
     def __repr__(self) -> str:
-        return f"Storage({self.root!r})"
+        return f"Storage({redact_url(self.root)!r})"
+
+    @property
+    def shown(self) -> str:
+        """The root as messages name it: its query kept, its credentials redacted."""
+        return redact_url(f"{self.root}/{self.query}" if self.query else self.root)
 
     def url(self, name: str) -> str:
-        return f"{self.root}/{name}"
+        return f"{self.root}/{name}{self.query}"
 
     def _path(self, name: str) -> str:
-        return f"{self._root_path}/{name}"
+        return f"{self._root_path}/{name}{self.query}"
 
     def makedirs(self) -> None:
         if not self.remote:
@@ -99,8 +112,8 @@ class Storage:
             self.write_bytes_atomic(probe, b"")
             self.remove(probe)
         except Exception as e:  # botocore, aiohttp and OS errors all end up here
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PermissionError(f"cannot write to {self.root}: {type(e).__name__}: {reason}") from None
+            reason = redact_text(str(e).splitlines()[0], self.url("")) if str(e) else type(e).__name__
+            raise PermissionError(f"cannot write to {redact_url(self.root)}: {type(e).__name__}: {reason}") from None
 
     @_retry_remote
     def exists(self, name: str) -> bool:

@@ -1,12 +1,15 @@
-"""A loopback HTTP file server with Range support that can misbehave on purpose."""
+"""A loopback HTTP file server with Range support that can misbehave on purpose, and that can
+ask for credentials as real servers do (basic auth, or a presigned URL's query parameters)."""
 
 from __future__ import annotations
 
+import base64
 import random
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qsl, unquote
 
 
 class FaultyServer:
@@ -22,9 +25,15 @@ class FaultyServer:
         seed: int = 0,
         max_drops: int | None = None,
         rate: int | None = None,
+        auth: tuple[str, str] | None = None,
+        query: dict[str, str] | None = None,
     ) -> None:
         self.root, self.drop_rate, self.error_rate, self.drops_left = root, drop_rate, error_rate, max_drops
         self.rate = rate  # bytes per second, to make a download slow enough to kill mid-way
+        # auth: the (user, password) every request must bring in its Authorization header;
+        # query: parameters every request's query must hold (a presigned URL's signature)
+        self.auth, self.query = auth, query or {}
+        self.refused = 0  # requests answered 401 or 403 for want of credentials
         self.rng = random.Random(seed)
         self.requests: list[tuple[str, str | None, int]] = []  # (path, Range header, status)
         server = self
@@ -35,8 +44,43 @@ class FaultyServer:
             def log_message(self, *args) -> None:
                 pass
 
+            def refuse(self) -> bool:
+                """Answer 401/403 when the request lacks the credentials asked for."""
+                _, _, query = self.path.partition("?")
+                status = 0
+                if server.auth is not None:
+                    token = base64.b64encode(":".join(server.auth).encode()).decode()
+                    if self.headers.get("Authorization") != f"Basic {token}":
+                        status = 401
+                if not status and not set(server.query.items()) <= set(parse_qsl(query)):
+                    status = 403
+                if not status:
+                    return False
+                with server.lock:
+                    server.refused += 1
+                self.send_response(status)
+                if status == 401:
+                    self.send_header("WWW-Authenticate", 'Basic realm="test"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+
+            def do_HEAD(self) -> None:
+                if self.refuse():
+                    return
+                path = server.root / unquote(self.path.partition("?")[0]).lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(path.stat().st_size))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
             def do_GET(self) -> None:
-                path = server.root / self.path.lstrip("/")
+                if self.refuse():
+                    return
+                path = server.root / unquote(self.path.partition("?")[0]).lstrip("/")
                 rng_header = self.headers.get("Range")
                 with server.lock:
                     fail = server.rng.random() < server.error_rate
@@ -56,20 +100,21 @@ class FaultyServer:
                 data = path.read_bytes()
                 start = 0
                 if rng_header:
-                    start = int(rng_header.removeprefix("bytes=").split("-")[0])
+                    first, _, last = rng_header.removeprefix("bytes=").partition("-")
+                    start = int(first)
                     if start >= len(data):
                         server.requests.append((self.path, rng_header, 416))
                         self.send_response(416)
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                body = data[start:]
+                body = data[start : int(last) + 1] if rng_header and last else data[start:]
                 status = 206 if rng_header else 200
                 server.requests.append((self.path, rng_header, status))
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 if rng_header:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
                 self.end_headers()
                 if drop and len(body) > 1:
                     self.wfile.write(body[: len(body) // 3])

@@ -8,8 +8,10 @@ line before any work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +20,14 @@ import pytest
 from helpers import PHOTOS, PhotoSource
 from prefect.client.orchestration import get_client
 
-import flows.build_shards as fb
 import flows.cli as cli
+import shards.build_request as build_request
 from flows.build_shards import PROGRESS_KEY, SUMMARY_KEY, build_shards
 from flows.cli import main
-from flows.params import BuildParams, ParamError, parse_size
-from shards.build import prepare, write_shard
+from flows.params import BuildParams, ParamError, shard_size_bytes
+from shards.build import build, prepare, write_shard
+from shards.build_request import BuildRequest
 from shards.manifest import read_manifest
-from shards.sources import open_source
 from shards.storage import TMP_MARK, Storage
 from shards.types import Item
 from shards.verify import verify
@@ -129,9 +131,9 @@ def test_resume_reuses_shards_a_dead_run_published(first_build, tmp_path):
     clean = read_manifest(str(first_build[0]))
     out = tmp_path / "resumed"
     # What a killed run leaves: two shards published with their progress records, a half-written file.
-    params = BuildParams(output=str(out), **DEMO)
-    options = params.options()
-    source = open_source("demo", None, **params.source_kwargs())
+    request = BuildParams(output=str(out), **DEMO).request()
+    options = request.options()
+    source = request.open_source()
     plan = prepare(source, options)
     storage = Storage(out)
     storage.makedirs()
@@ -174,7 +176,7 @@ class PhotosWithBadFiles(PhotoSource):
 
 def test_quarantined_images_are_counted_in_summary_and_manifest(prefect_harness, tmp_path, monkeypatch):
     source = PhotosWithBadFiles(tmp_path)
-    monkeypatch.setattr(fb, "open_source", lambda *a, **k: source)
+    monkeypatch.setattr(build_request, "open_source", lambda *a, **k: source)
     out = tmp_path / "photos"
     args = {"dataset": "imagefolder", "source": str(tmp_path), "output": str(out), "shard_samples": 10, "workers": 1}
     _, run_id = run(**args)
@@ -205,7 +207,7 @@ class FlakyPhotos(PhotoSource):
 
 def test_a_transient_read_error_is_retried(prefect_harness, tmp_path, monkeypatch):
     marker = tmp_path / "failed-once"
-    monkeypatch.setattr(fb, "open_source", lambda *a, **k: FlakyPhotos(marker))
+    monkeypatch.setattr(build_request, "open_source", lambda *a, **k: FlakyPhotos(marker))
     out = tmp_path / "flaky"
     run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=30, workers=1)
     assert marker.exists()  # the error did happen, and the retry got past it
@@ -229,7 +231,7 @@ class DyingPhotos(PhotoSource):
 
 def test_a_killed_worker_process_is_replaced_and_its_shards_retried(prefect_harness, tmp_path, monkeypatch):
     marker = tmp_path / "died"
-    monkeypatch.setattr(fb, "open_source", lambda *a, **k: DyingPhotos(marker))
+    monkeypatch.setattr(build_request, "open_source", lambda *a, **k: DyingPhotos(marker))
     out = tmp_path / "dying"
     result, _ = run(dataset="imagefolder", source=str(tmp_path), output=str(out), shard_samples=8, workers=2)
     assert int(marker.read_text()) != os.getpid()  # it was a pool process that died
@@ -263,6 +265,32 @@ def test_cli_builds_and_prints_the_summary(prefect_harness, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"output: {out}" in printed and "train" in printed and "val" in printed
     assert read_manifest(str(out))["splits"]["train"]["samples"] == 20
+
+
+def test_a_plain_script_writes_the_same_manifest_as_the_cli(prefect_harness, tmp_path, monkeypatch):
+    """shards.build.build() with a BuildRequest, as any script or other orchestrator would call
+    it, writes manifest.json byte for byte as the CLI does (but for its creation time)."""
+    options = {"shard_size": "100KB", "seed": 3, "verify": "header", "train_per_class": 3, "val_per_class": 1}
+    options |= {"demo_size": 32, "jpeg_quality": 80}
+    argv = ["build-shards", "--dataset", "demo", "--output", str(tmp_path / "cli"), "--workers", "1"]
+    argv += [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    opened = []
+    open_source = build_request.open_source
+    monkeypatch.setattr(build_request, "open_source", lambda *a, **k: opened.append(a) or open_source(*a, **k))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert len(opened) == 1  # indexed once, ahead of the flow, which took that plan
+    monkeypatch.undo()
+    request = BuildRequest("demo", shard_bytes=100_000, **{k: v for k, v in options.items() if k != "shard_size"})
+    build(request.open_source(), str(tmp_path / "script"), request.options(), workers=2)
+
+    def manifest(name: str) -> bytes:
+        data = (tmp_path / name / "manifest.json").read_bytes()
+        return re.sub(rb'"created": "[^"]*"', b'"created": ""', data, count=1)
+
+    assert manifest("cli") == manifest("script")
+    assert json.loads(manifest("cli"))["params"]["shard_size"] == 100_000
 
 
 def test_cli_reports_a_bad_source_in_one_final_line(prefect_harness, tmp_path, capsys):
@@ -339,9 +367,9 @@ def test_md5_names_may_be_paths_and_are_checked_for_local_archives():
         dataset="imagenet", source=".", output="x", md5=["/data/ILSVRC2012_img_val.tar=" + "A" * 32]
     ).check()
     assert p.md5 == {"ILSVRC2012_img_val.tar": "a" * 32}  # the path's file name counts, not the path
-    assert p.source_kwargs()["md5"] == p.md5  # a local archive with an explicit --md5 is checked
+    assert p.request().source_kwargs()["md5"] == p.md5  # a local archive with an explicit --md5 is checked
     url = BuildParams(dataset="imagenet", source="https://m.example/i/", output="x", md5=p.md5).check()
-    assert url.source_kwargs()["md5"] == {}  # downloads are checked as they arrive, not hashed twice
+    assert url.request().source_kwargs()["md5"] == {}  # downloads are checked as they arrive, not hashed twice
 
 
 @pytest.mark.parametrize(
@@ -356,23 +384,31 @@ def test_md5_names_may_be_paths_and_are_checked_for_local_archives():
     ],
 )
 def test_shard_sizes_parse(text, expected):
-    assert parse_size(text) == expected
+    assert shard_size_bytes(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "GB", "1 parsec", "-1GB", "0", "1e9"])
 def test_bad_shard_sizes_are_refused(text):
     with pytest.raises(ParamError, match="--shard-size"):
-        parse_size(text)
+        shard_size_bytes(text)
 
 
 def test_params_record_what_changes_the_bytes():
     """Source options that change the images go to manifest params; check-only ones do not."""
     p = BuildParams(dataset="demo", output="x", **{k: v for k, v in DEMO.items() if k != "dataset"}).check()
-    assert p.options().params()["train_per_class"] == 8 and p.options().params()["size"] == 48
+    params = p.request().options().params()
+    assert params["train_per_class"] == 8 and params["size"] == 48
     md5 = {"ILSVRC2012_img_val.tar": "0" * 32}
-    inet = BuildParams(dataset="imagenet", source=".", output="x", md5=md5, check_md5=True).check()
+    inet = BuildParams(dataset="imagenet", source=".", output="x", md5=md5, check_md5=True).check().request()
     assert "md5" not in inet.options().params() and inet.source_kwargs()["md5"] == md5
-    assert BuildParams(dataset="cifar10", source=".", output="x").check().options().image_ext == "png"
+    assert BuildParams(dataset="cifar10", source=".", output="x").check().request().options().image_ext == "png"
+
+
+def test_every_build_request_field_comes_from_a_build_parameter():
+    """BuildParams.request() copies the fields of the same name: a BuildRequest field with no
+    option behind it would silently keep its default."""
+    own = {f.name for f in dataclasses.fields(BuildParams)}
+    assert {f.name for f in dataclasses.fields(BuildRequest)} - own == {"shard_bytes", "downloaded"}
 
 
 def test_a_second_build_into_a_held_output_fails_at_once(prefect_harness, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The progress artifact never goes backwards, however the task threads interleave.
 
-The flaky `progress 83.3, not 100` came from updates sent outside Progress's lock: two
+The flaky `progress 83.3, not 100` came from updates sent outside ProgressArtifact's lock: two
 threads' updates in flight at once reach the server in either order. The fake server here
 records the order updates arrive in and whether each was sent under the lock, so the race
 shows deterministically, not by luck of scheduling.
@@ -16,7 +16,7 @@ import flows.build_shards as fb
 def test_progress_updates_arrive_in_order_and_end_at_100(monkeypatch):
     sent: list[float] = []
     unlocked: list[float] = []
-    progress = fb.Progress(total=64, artifact_id="artifact")
+    progress = fb.ProgressArtifact(total=64, artifact_id="artifact")
 
     def fake_update(artifact_id, value, description):
         if not progress._lock.locked():
@@ -45,7 +45,7 @@ def test_progress_updates_arrive_in_order_and_end_at_100(monkeypatch):
 def test_a_retried_shard_is_not_counted_twice(monkeypatch):
     sent: list[float] = []
     monkeypatch.setattr(fb, "update_progress_artifact", lambda a, value, description: sent.append(value))
-    progress = fb.Progress(total=2, artifact_id="artifact")
+    progress = fb.ProgressArtifact(total=2, artifact_id="artifact")
     progress.shards_done(["a"])
     progress.shards_done(["a"])
     progress.shards_done(["b"])

@@ -6,6 +6,9 @@ the shard cache feeding the GPU pipeline, the trainer in bf16 / fp16 with its gr
 torch.compile on the GPU, checkpoint and exact resume there, NCCL. Shards come from the real
 photos in tests/data (small, so the whole file stays short); `make gpu-check` measures speed
 on a full-size set (scripts/gpu_check.py). No test asserts a speed.
+
+The GPU machine has no s3fs, boto3 or moto: only the test that needs them imports them, and
+skips without them, so the file always collects.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 from helpers import build_photo_shards, kill_9_at_checkpoint
-from s3_server import aws_env
 
 from loaders import make_loader
 
@@ -121,8 +123,10 @@ def test_eval_pipeline_built_once_and_outputs_on_the_current_stream(shard_dir):
 def test_shard_cache_feeds_the_gpu_pipeline(shard_dir, tmp_path):
     import socket
 
-    import boto3
-    import s3fs
+    boto3 = pytest.importorskip("boto3", reason="needs boto3, s3fs and moto (a real S3 endpoint on loopback)")
+    s3fs = pytest.importorskip("s3fs", reason="needs boto3, s3fs and moto (a real S3 endpoint on loopback)")
+    pytest.importorskip("moto", reason="needs boto3, s3fs and moto (a real S3 endpoint on loopback)")
+    from s3_server import aws_env
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -200,6 +204,46 @@ def test_compile_and_fp16_with_grad_scaler(shard_dir, tmp_path):
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ck["model"])  # compiled, saved unwrapped
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(m["train_loss"]) for m in lines)
+
+
+def test_a_step_reads_the_previous_steps_flags_without_waiting_for_the_stream():
+    # The flags of step t are copied to pinned memory behind their all-reduce; reading them after
+    # step t + 1 is queued waits for that copy's event, not for step t + 1 (a long sleep kernel here).
+    from train.engine import copy_to_host
+
+    flags = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    host, copied = copy_to_host(flags)
+    assert host.device.type == "cpu" and host.is_pinned() and copied is not None
+    torch.cuda._sleep(2_000_000_000)  # the next step's work: about a second of GPU time
+    copied.synchronize()
+    assert host.tolist() == [0, 1]
+    assert not torch.cuda.current_stream().query()  # the "next step" is still running: nothing waited for it
+    torch.cuda.synchronize()
+
+
+def test_ddp_then_compile_all_reduces_in_buckets(tmp_path):
+    import torch.distributed as dist
+
+    from train import distributed
+    from train.engine import ddp_of
+
+    class Collective(distributed.Dist):
+        @property
+        def enabled(self) -> bool:
+            return True
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=dev)  # fmt: skip
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).to(dev)
+        stepped, evaluated = distributed.wrap_model(model, Collective(device=dev), compile=True)
+        ddp = ddp_of(stepped)
+        assert ddp is not None and ddp.gradient_as_bucket_view and evaluated._orig_mod is model
+        stepped(torch.randn(4, 8, device=dev)).sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_amp_auto_is_bf16_on_this_gpu_when_it_has_it_natively():

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from loaders import make_loader
-from loaders.show import first_batch, main, to_pixels
+from loaders.pixels import to_pixels
+from loaders.show import first_batch, main
 from shards.build import build
 from shards.grid import MARK
 from shards.show import pick, show

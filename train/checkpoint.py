@@ -5,7 +5,7 @@ best.pt whenever val top-1 improves. A checkpoint is written to a temporary file
 folder, flushed, fsync'ed and renamed over the old one, so a kill -9 at any moment leaves the
 previous checkpoint whole.
 
-Damage and trust (issue 15): before last.pt is replaced, the new file is complete, fsync'ed and
+Damage and trust: before last.pt is replaced, the new file is complete, fsync'ed and
 read back; the one it replaces stays beside it as previous.pt, so a last.pt damaged later (a bad
 disk, a partial copy) falls back to previous.pt with a warning (`load_latest`). Every load is
 torch.load(weights_only=True): plain containers, tensors and numbers, plus the few numpy types an
@@ -14,7 +14,8 @@ a class) is refused, never run. New checkpoints hold no numpy objects at all, so
 `torch.load(path)` (weights_only by default) reads them, and torchvision models take ckpt["model"].
 
 Layout (a plain dict, versioned by "format" and "format_version"), built by `payload` and read
-back by `restore`, the only two places that know it; best.pt is the payload just written as
+back by `restore`, `restore_weights`, `progress_of` and `saved` (the Saved view other modules
+decide with): this module is the only one that knows it; best.pt is the payload just written as
 last.pt, written again (never last.pt read back):
 
     model        state_dict of the unwrapped model (no "module." / "_orig_mod." prefixes), so
@@ -25,7 +26,7 @@ last.pt, written again (never last.pt read back):
     batches      micro-batches of that epoch already trained on
     global_step  optimizer steps so far (the lr schedule is a function of it)
     ranks        per rank: loader state_dict, RNG states (torch, this rank's GPU, numpy,
-                 python, mixup), and the epoch's running sums (loss, count, seconds)
+                 python, mixup), the epoch's running sums (engine.EPOCH_SUMS) and lr
     history      the metrics.jsonl lines of finished epochs (rewritten from here on resume)
     samples_seen, samples_before_epoch   samples trained on (all ranks) in all, and before this
                  epoch: the lr schedule's clock when the world size or batch changes (train/elastic.py)
@@ -47,9 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import elastic
+from loaders import redact_values
 from train.distributed import Dist, gather_objects
-from train.engine import EpochState
+from train.engine import EPOCH_SUMS, EpochState
 from train.recipe import MixupCutmix, ModelEma
 
 LAST, BEST, PREVIOUS = "last.pt", "best.pt", "previous.pt"
@@ -187,7 +188,7 @@ def load_latest(folder: str) -> tuple[dict, str, str | None]:
 def rng_state(device: torch.device | None = None) -> dict:
     """RNG states of this process: torch CPU, this rank's GPU only (None on CPU), numpy, python.
 
-    Only this rank's GPU (issue 14, item 8): the other visible GPUs' generators are never drawn
+    Only this rank's GPU: the other visible GPUs' generators are never drawn
     from by this rank, and a resume in a process that sees fewer GPUs must not index past them.
     device None: the current CUDA device where there is one.
     """
@@ -206,7 +207,7 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
-    if isinstance(cuda, list):  # checkpoints before issue 14 saved every visible GPU's state
+    if isinstance(cuda, list):  # older checkpoints saved every visible GPU's state
         index = device.index or 0
         cuda = cuda[index] if device.type == "cuda" and index < len(cuda) else None
     if cuda is not None and device.type == "cuda":
@@ -243,7 +244,7 @@ class Stateful:
 
 
 @dataclass
-class Progress:
+class RunProgress:
     """What the run has learnt so far, beside the epoch state."""
 
     history: list[dict] = field(default_factory=list)
@@ -258,15 +259,12 @@ def rank_state(state: EpochState, parts: Stateful, device: torch.device) -> dict
         "loader": parts.loader.state_dict(),
         "rng": rng_state(device),
         "mixing": parts.mixing.state_dict(),
-        "loss_sum": state.loss_sum,
-        "seen": state.seen,
-        "seconds": state.seconds,
-        "wait_seconds": state.wait_seconds,
+        **state.sums(),
         "lr": state.lr,
     }
 
 
-def payload(parts: Stateful, state: EpochState, ranks: list[dict], progress: Progress, meta: dict) -> dict:
+def payload(parts: Stateful, state: EpochState, ranks: list[dict], progress: RunProgress, meta: dict) -> dict:
     """The whole checkpoint. meta: seconds, config, arch, stem, image_size, num_classes, classes, world_size."""
     ema = parts.ema
     return {
@@ -307,20 +305,81 @@ def restore(ck: dict, parts: Stateful, rank: int, device: torch.device) -> Epoch
     state = EpochState(ck["epoch"], ck["batches"], ck["global_step"])
     mine = ck["ranks"][rank]
     if state.batches > 0:
-        state.loss_sum, state.seen = mine["loss_sum"], mine["seen"]
-        state.seconds, state.wait_seconds, state.lr = mine["seconds"], mine["wait_seconds"], mine["lr"]
+        state.set_sums(mine)
+        state.lr = mine["lr"]
         parts.loader.load_state_dict(mine["loader"])
     set_rng_state(mine["rng"], device)
     parts.mixing.load_state_dict(mine["mixing"])
     return state
 
 
-def progress_of(ck: dict) -> Progress:
-    return Progress(
+def progress_of(ck: dict) -> RunProgress:
+    return RunProgress(
         list(ck.get("history", [])),
         ck.get("best_val_top1", float("-inf")),
         ck.get("seconds", 0.0),
-        elastic.samples_before_epoch(ck),
+        saved(ck).samples_before_epoch,
+    )
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What a checkpoint says about the run that wrote it, for the modules that decide with it
+    (train/elastic.py: resuming under another shape; train/run.py: compatibility, --evaluate),
+    so that only this module reads the layout."""
+
+    epoch: int
+    batches: int  # micro-batches of that epoch already trained on
+    world_size: int
+    batch_size: int  # per process, as configured
+    base_lr: float  # --lr, before the linear scaling rule
+    micro_batch: int | None  # rank 0's loader batch (None: not recorded)
+    loader: dict | None  # rank 0's loader state (every rank's agrees at a batch boundary)
+    rank_sums: list[dict]  # per rank that wrote it: the epoch's running sums (EPOCH_SUMS) and lr
+    samples_seen: int  # samples trained on (all ranks) in all
+    samples_before_epoch: int  # ... before the checkpoint's epoch
+    arch: str | None
+    stem: str | None
+    image_size: int | None
+    num_classes: int | None
+    zero_init_residual: bool
+    model: dict  # state_dict of the unwrapped model
+    ema: dict | None  # EMA weights, or None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+
+def saved(ck: dict) -> Saved:
+    """The Saved view of a loaded checkpoint. Older checkpoints without samples_seen count
+    steps x global batch."""
+    config, ranks = ck.get("config", {}), ck.get("ranks") or []
+    world, batch = int(ck.get("world_size", 1)), int(config.get("batch_size", 0))
+    loader = (ranks[0] or {}).get("loader") if ranks else None
+    seen = int(ck["samples_seen"]) if "samples_seen" in ck else int(ck.get("global_step", 0)) * batch * world
+    before = ck.get("samples_before_epoch")
+    if before is None:
+        mid_epoch = ck.get("batches", 0) > 0
+        before = seen - sum(int(r.get("seen", 0)) for r in ranks) if mid_epoch else seen
+    return Saved(
+        epoch=int(ck.get("epoch", 0)),
+        batches=int(ck.get("batches", 0)),
+        world_size=world,
+        batch_size=batch,
+        base_lr=float(config.get("lr", 0.0)),
+        micro_batch=(loader or {}).get("batch_size"),
+        loader=loader,
+        rank_sums=[{k: r[k] for k in (*EPOCH_SUMS, "lr")} for r in ranks if r],
+        samples_seen=seen,
+        samples_before_epoch=int(before),
+        arch=ck.get("arch"),
+        stem=ck.get("stem"),
+        image_size=ck.get("image_size"),
+        num_classes=ck.get("num_classes"),
+        zero_init_residual=config.get("zero_init_residual", True),
+        model=ck.get("model", {}),
+        ema=ck.get("ema"),
     )
 
 
@@ -329,6 +388,8 @@ class Checkpointer:
 
     def __init__(self, folder: str, parts: Stateful, dist: Dist, meta: dict, minutes: float, t_start: float) -> None:
         self.last_path, self.best_path = os.path.join(folder, LAST), os.path.join(folder, BEST)
+        # a checkpoint travels (copied, shared, uploaded): its recorded config has no URL's credentials
+        meta = {**meta, "config": redact_values(meta["config"])} if "config" in meta else meta
         self.parts, self.dist, self.meta, self.minutes = parts, dist, meta, minutes
         self.t_start = t_start  # time.time() at the start of this process, less a resumed run's seconds
         self._saved_at = time.monotonic()
@@ -337,7 +398,7 @@ class Checkpointer:
         """Rank 0's clock: --checkpoint-minutes passed since the last save (the trainer shares the decision)."""
         return self.dist.is_main and self.minutes > 0 and time.monotonic() - self._saved_at >= self.minutes * 60
 
-    def save_last(self, state: EpochState, progress: Progress) -> dict | None:
+    def save_last(self, state: EpochState, progress: RunProgress) -> dict | None:
         """Gather every rank's state, write last.pt on rank 0 (the one it replaces kept as previous.pt);
         the payload written (None on other ranks)."""
         ranks = gather_objects(rank_state(state, self.parts, self.dist.device), self.dist)

@@ -1,9 +1,10 @@
 """Command line of `python -m train`: options, presets, and the checks that run before any work.
 
 Precedence, lowest first: built-in defaults (the Config fields), then the --preset's values,
-then flags given on the command line. Every option is one entry in OPTIONS (flags, Config
-field, argparse kwargs); its default is the Config field's, which --help shows, so the help
-text, the defaults and the presets cannot drift apart.
+then flags given on the command line. Every option is declared once, as a Config field whose
+metadata holds its help and argparse form; the parser is generated from the fields (the
+pattern of flows/params.py, whose click options come from BuildParams' fields the same way),
+so the help text, the defaults and the presets cannot drift apart.
 
 Batch size is per process (per GPU), as in torchvision's reference scripts: --batch-size 256
 on 8 GPUs is a global batch of 2048, and the learning rate is scaled to --lr x 2048 / 256.
@@ -14,71 +15,17 @@ passes sees batch-size / K images, so K trades memory for time without changing 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 ARCH_HELP = "torchvision classification model name (resnet50, alexnet, ...) or package.module:Class"
 
 
 class ConfigError(ValueError):
     """A bad command line, found before any work; its message is one line."""
-
-
-@dataclass
-class Config:
-    # data
-    data: str | None = None
-    shards: list[str] | None = None
-    val_shards: list[str] | None = None
-    num_classes: int | None = None
-    backend: str = "auto"
-    workers: int | None = None  # None: the loader's default for this machine (loaders/dali.py, pytorch.py)
-    image_size: int = 224
-    cache_dir: str | None = None
-    cache_limit: str | None = None
-    # model
-    arch: str = "resnet50"
-    stem: str = "auto"
-    zero_init_residual: bool = True
-    # recipe
-    epochs: int = 90
-    batch_size: int = 256
-    accum_steps: int = 1
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    wd: float = 1e-4
-    warmup_epochs: float = 5.0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema: float = 0.0
-    clip_grad: float = 0.0
-    # speed
-    amp: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-    # run
-    preset: str | None = None
-    output: str = "runs/train"
-    resume: str | None = None
-    no_auto_resume: bool = False
-    checkpoint_minutes: float = 10.0
-    evaluate: str | None = None
-    deterministic: bool = False
-    seed: int = 0
-    log_every: int = 20
-    progress: str = "auto"
-    # sanity check (train/overfit.py)
-    overfit_batches: int | None = None
-    overfit_steps: int = 500
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # Presets name whole recipes. The demo preset is sized for the demo set on a 2-core CPU.
@@ -124,334 +71,287 @@ PRESETS: dict[str, dict] = {
         wd=1e-4,
         warmup_epochs=5,
         label_smoothing=0.1,
-        amp="bf16",
+        amp="auto",  # bf16 where the GPU has it, else fp16: the same preset runs on any GPU
         channels_last=True,
         workers=8,
     ),
 }
 
 
-# (flags, Config field, argparse kwargs). Help strings end with the default, added below.
-OPTIONS: list[tuple[tuple[str, ...], str, dict]] = [
+_PRESET_HELP = (
+    "a named recipe: "
+    + "; ".join(
+        f"{k}: {v['arch']} at {v['image_size']} px, {v['epochs']} epochs, batch {v['batch_size']}"
+        for k, v in PRESETS.items()
+    )
+    + "; flags given explicitly override it"
+)
+
+
+def _opt(help: str, default: Any, flag: str | None = None, **argparse_kw: Any) -> Any:
+    """A Config field: its --help text, its default, and its argparse form (`flag` when it is
+    not --the-field-name; type, metavar, choices, nargs, action...). Help ends with the default,
+    added by build_parser()."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_kw})
+
+
+@dataclass
+class Config:
+    """Every option of `python -m train`, in --help's order."""
+
     # data
-    (
-        ("--data",),
-        "data",
-        dict(
-            metavar="DIR",
-            help="folder (or URL) holding manifest.json: train and val splits and the classes come from it",
-        ),
-    ),
-    (
-        ("--shards",),
-        "shards",
-        dict(
-            metavar="SPEC",
-            nargs="+",
-            help="training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs",
-        ),
-    ),
-    (
-        ("--val-shards",),
-        "val_shards",
-        dict(
-            metavar="SPEC",
-            nargs="+",
-            help="validation shards, as --shards; without them (and without --data) no validation is run",
-        ),
-    ),
-    (
-        ("--num-classes",),
-        "num_classes",
-        dict(
-            type=int,
-            metavar="C",
-            help="number of classes; read from the manifest when there is one, needed when there is none",
-        ),
-    ),
-    (
-        ("--backend",),
-        "backend",
-        dict(
-            choices=["auto", "dali", "pytorch"],
-            help="loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)",
-        ),
-    ),
-    (
-        ("--workers",),
-        "workers",
-        dict(
-            type=int,
-            metavar="N",
-            help="loader worker threads (dali) or processes (pytorch) per rank (default: the loader's, from the "
-            "machine's cores and GPUs)",
-        ),
-    ),
-    (
-        ("--cache-dir",),
-        "cache_dir",
-        dict(
-            metavar="DIR",
-            help="remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, "
-            "shared by every rank on the machine; default ~/.cache/shardline/shards/<hash of the set URL> ($SHARDLINE_CACHE_DIR replaces ~/.cache/shardline)",
-        ),
-    ),
-    (
-        ("--cache-limit",),
-        "cache_limit",
-        dict(
-            metavar="SIZE",
-            help="most bytes the shard cache may hold, e.g. 200GB (bytes, or kB/MB/GB/TB, KiB..TiB); "
-            "default 80%% of the cache disk's free space; the whole set makes later epochs network-free",
-        ),
-    ),
-    (
-        ("--image-size",),
-        "image_size",
-        dict(
-            type=int,
-            metavar="PX",
-            help="side of the square crop the model sees (train: random-resized-crop; val: resize to size/0.875, center crop)",
-        ),
-    ),
+    data: str | None = _opt(
+        "folder (or URL) holding manifest.json: train and val splits and the classes come from it",
+        None,
+        metavar="DIR",
+    )
+    shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
+        "training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs",
+        None,
+        metavar="SPEC",
+        nargs="+",
+    )
+    val_shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
+        "validation shards, as --shards; without them (and without --data) no validation is run",
+        None,
+        metavar="SPEC",
+        nargs="+",
+    )
+    num_classes: int | None = _opt(
+        "number of classes; read from the manifest when there is one, needed when there is none",
+        None,
+        type=int,
+        metavar="C",
+    )
+    backend: str = _opt(
+        "loader backend: dali (nvJPEG on GPU, CPU operators otherwise), pytorch (DataLoader workers), auto (dali when it imports)",
+        "auto",
+        choices=["auto", "dali", "pytorch"],
+    )
+    workers: int | None = _opt(
+        "loader worker threads (dali) or processes (pytorch) per rank (default: the loader's, from the machine's cores and GPUs)",
+        None,
+        type=int,
+        metavar="N",
+    )
+    cache_dir: str | None = _opt(
+        "remote (s3://, gs://, http) shards are downloaded whole into this local folder ahead of use, shared by every rank on the machine; default ~/.cache/shardline/shards/<hash of the set URL> ($SHARDLINE_CACHE_DIR replaces ~/.cache/shardline)",
+        None,
+        metavar="DIR",
+    )
+    cache_limit: str | None = _opt(
+        "most bytes the shard cache may hold, e.g. 200GB (bytes, or kB/MB/GB/TB, KiB..TiB); default 80%% of the cache disk's free space; the whole set makes later epochs network-free",
+        None,
+        metavar="SIZE",
+    )
+    image_size: int = _opt(
+        "side of the square crop the model sees (train: random-resized-crop; val: resize to size/0.875, center crop)",
+        224,
+        type=int,
+        metavar="PX",
+    )
     # model
-    (("--arch",), "arch", dict(metavar="NAME", help=ARCH_HELP + "; a custom Class is called as Class(num_classes=C)")),
-    (
-        ("--stem",),
-        "stem",
-        dict(
-            choices=["auto", "standard", "small"],
-            help="input stem: standard (torchvision's), small (3x3 stride-1 first conv, no max-pool, for 32-64 px data), auto (small when --image-size <= 64)",
-        ),
-    ),
-    (
-        ("--no-zero-init-residual",),
-        "zero_init_residual",
-        dict(
-            action="store_false",
-            default=None,
-            help="keep the default init of each residual block's last BN gamma instead of zero (zero-init is a Bag of Tricks item)",
-        ),
-    ),
+    arch: str = _opt(
+        ARCH_HELP + "; a custom Class is called as Class(num_classes=C)",
+        "resnet50",
+        metavar="NAME",
+    )
+    stem: str = _opt(
+        "input stem: standard (torchvision's), small (3x3 stride-1 first conv, no max-pool, for 32-64 px data), auto (small when --image-size <= 64)",
+        "auto",
+        choices=["auto", "standard", "small"],
+    )
+    zero_init_residual: bool = _opt(
+        "keep the default init of each residual block's last BN gamma instead of zero (zero-init is a Bag of Tricks item) (default: zero-init on)",
+        True,
+        flag="--no-zero-init-residual",
+        action="store_false",
+    )
     # recipe
-    (("--epochs",), "epochs", dict(type=int, metavar="N", help="training epochs")),
-    (
-        ("--batch-size",),
-        "batch_size",
-        dict(
-            type=int,
-            metavar="N",
-            help="images per optimizer step PER PROCESS (per GPU); the global batch is this x world size",
-        ),
-    ),
-    (
-        ("--accum-steps",),
-        "accum_steps",
-        dict(
-            type=int,
-            metavar="K",
-            help="gradient accumulation: each step runs K forward/backward passes of batch-size/K images (must divide --batch-size)",
-        ),
-    ),
-    (("--optimizer",), "optimizer", dict(choices=["sgd", "adamw"], help="SGD with momentum, or AdamW")),
-    (
-        ("--lr",),
-        "lr",
-        dict(
-            type=float,
-            metavar="LR",
-            help="base learning rate for a global batch of 256; the peak lr is LR x global_batch / 256",
-        ),
-    ),
-    (("--momentum",), "momentum", dict(type=float, metavar="M", help="SGD momentum (AdamW: beta1)")),
-    (("--nesterov",), "nesterov", dict(action="store_true", default=None, help="Nesterov momentum for SGD")),
-    (
-        ("--wd",),
-        "wd",
-        dict(type=float, metavar="WD", help="weight decay, applied to weights only (never to biases or norm layers)"),
-    ),
-    (
-        ("--warmup-epochs",),
-        "warmup_epochs",
-        dict(
-            type=float,
-            metavar="E",
-            help="linear warmup from 0 to the peak lr over E epochs (per iteration), then cosine decay",
-        ),
-    ),
-    (
-        ("--min-lr",),
-        "min_lr",
-        dict(type=float, metavar="LR", help="learning rate at the end of the cosine decay (absolute, not scaled)"),
-    ),
-    (
-        ("--label-smoothing",),
-        "label_smoothing",
-        dict(type=float, metavar="EPS", help="label smoothing of the cross-entropy targets"),
-    ),
-    (
-        ("--mixup",),
-        "mixup",
-        dict(
-            type=float,
-            metavar="ALPHA",
-            help="mixup with Beta(ALPHA, ALPHA) weights; 0 disables (with --cutmix too, each batch picks one)",
-        ),
-    ),
-    (
-        ("--cutmix",),
-        "cutmix",
-        dict(type=float, metavar="ALPHA", help="cutmix with Beta(ALPHA, ALPHA) box areas; 0 disables"),
-    ),
-    (
-        ("--ema",),
-        "ema",
-        dict(
-            type=float,
-            metavar="DECAY",
-            help="keep an exponential moving average of the weights with this decay per step (e.g. 0.9998), evaluated beside the model; 0 disables",
-        ),
-    ),
-    (
-        ("--clip-grad",),
-        "clip_grad",
-        dict(type=float, metavar="NORM", help="clip the global gradient norm to NORM; 0 disables"),
-    ),
+    epochs: int = _opt(
+        "training epochs",
+        90,
+        type=int,
+        metavar="N",
+    )
+    batch_size: int = _opt(
+        "images per optimizer step PER PROCESS (per GPU); the global batch is this x world size",
+        256,
+        type=int,
+        metavar="N",
+    )
+    accum_steps: int = _opt(
+        "gradient accumulation: each step runs K forward/backward passes of batch-size/K images (must divide --batch-size)",
+        1,
+        type=int,
+        metavar="K",
+    )
+    optimizer: str = _opt(
+        "SGD with momentum, or AdamW",
+        "sgd",
+        choices=["sgd", "adamw"],
+    )
+    lr: float = _opt(
+        "base learning rate for a global batch of 256; the peak lr is LR x global_batch / 256",
+        0.1,
+        type=float,
+        metavar="LR",
+    )
+    momentum: float = _opt(
+        "SGD momentum (AdamW: beta1)",
+        0.9,
+        type=float,
+        metavar="M",
+    )
+    nesterov: bool = _opt(
+        "Nesterov momentum for SGD",
+        False,
+        action="store_true",
+    )
+    wd: float = _opt(
+        "weight decay, applied to weights only (never to biases or norm layers)",
+        0.0001,
+        type=float,
+        metavar="WD",
+    )
+    warmup_epochs: float = _opt(
+        "linear warmup from 0 to the peak lr over E epochs (per iteration), then cosine decay",
+        5.0,
+        type=float,
+        metavar="E",
+    )
+    min_lr: float = _opt(
+        "learning rate at the end of the cosine decay (absolute, not scaled)",
+        0.0,
+        type=float,
+        metavar="LR",
+    )
+    label_smoothing: float = _opt(
+        "label smoothing of the cross-entropy targets",
+        0.1,
+        type=float,
+        metavar="EPS",
+    )
+    mixup: float = _opt(
+        "mixup with Beta(ALPHA, ALPHA) weights; 0 disables (with --cutmix too, each batch picks one)",
+        0.0,
+        type=float,
+        metavar="ALPHA",
+    )
+    cutmix: float = _opt(
+        "cutmix with Beta(ALPHA, ALPHA) box areas; 0 disables",
+        0.0,
+        type=float,
+        metavar="ALPHA",
+    )
+    ema: float = _opt(
+        "keep an exponential moving average of the weights with this decay per step (e.g. 0.9998), evaluated beside the model; 0 disables",
+        0.0,
+        type=float,
+        metavar="DECAY",
+    )
+    clip_grad: float = _opt(
+        "clip the global gradient norm to NORM; 0 disables",
+        0.0,
+        type=float,
+        metavar="NORM",
+    )
     # speed
-    (
-        ("--amp",),
-        "amp",
-        dict(
-            choices=["auto", "bf16", "fp16", "none"],
-            help="mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, none; auto = bf16 on GPUs that support it, fp16 on older GPUs, none on CPU",
-        ),
-    ),
-    (
-        ("--channels-last",),
-        "channels_last",
-        dict(
-            action="store_true",
-            default=None,
-            help="channels-last memory format for model and images (faster convolutions on tensor cores)",
-        ),
-    ),
-    (("--compile",), "compile", dict(action="store_true", default=None, help="torch.compile the model")),
-    (
-        ("--sync-bn",),
-        "sync_bn",
-        dict(action="store_true", default=None, help="synchronize BatchNorm statistics across ranks (needs GPUs)"),
-    ),
+    amp: str = _opt(
+        "mixed precision: bf16 autocast, fp16 autocast with a gradient scaler, none; auto = bf16 on GPUs that support it, fp16 on older GPUs, none on CPU",
+        "auto",
+        choices=["auto", "bf16", "fp16", "none"],
+    )
+    channels_last: bool = _opt(
+        "channels-last memory format for model and images (faster convolutions on tensor cores)",
+        False,
+        action="store_true",
+    )
+    compile: bool = _opt(
+        "torch.compile the model",
+        False,
+        action="store_true",
+    )
+    sync_bn: bool = _opt(
+        "synchronize BatchNorm statistics across ranks (needs GPUs)",
+        False,
+        action="store_true",
+    )
     # run
-    (
-        ("--preset",),
-        "preset",
-        dict(
-            choices=sorted(PRESETS),
-            help="a named recipe: "
-            + "; ".join(
-                f"{k}: {v['arch']} at {v['image_size']} px, {v['epochs']} epochs, batch {v['batch_size']}"
-                for k, v in PRESETS.items()
-            )
-            + "; flags given explicitly override it",
-        ),
-    ),
-    (
-        ("--output",),
-        "output",
-        dict(
-            metavar="DIR", help="run folder: checkpoints/{last,best}.pt, metrics.jsonl, summary.json, tb/ (TensorBoard)"
-        ),
-    ),
-    (
-        ("--resume",),
-        "resume",
-        dict(
-            metavar="CKPT",
-            nargs="?",
-            const="auto",
-            help="resume from CKPT (or, without a value, OUTPUT/checkpoints/last.pt), mid-epoch included; a run resumes from OUTPUT/checkpoints/last.pt by default anyway",
-        ),
-    ),
-    (
-        ("--no-auto-resume",),
-        "no_auto_resume",
-        dict(
-            action="store_true",
-            default=None,
-            help="start afresh even when OUTPUT/checkpoints/last.pt exists (it is overwritten)",
-        ),
-    ),
-    (
-        ("--checkpoint-minutes",),
-        "checkpoint_minutes",
-        dict(
-            type=float,
-            metavar="MIN",
-            help="also write last.pt every MIN minutes mid-epoch (it is always written at each epoch end); 0 = only at epoch ends",
-        ),
-    ),
-    (
-        ("--evaluate",),
-        "evaluate",
-        dict(
-            metavar="CKPT",
-            help="only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5 "
-            "(and a JSON line); the model, its stem and the image size come from the checkpoint",
-        ),
-    ),
-    (
-        ("--deterministic",),
-        "deterministic",
-        dict(
-            action="store_true",
-            default=None,
-            help="deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine; "
-            "either backend seeds each sample's crop and flip from (seed, epoch, sample), so a mid-epoch resume "
-            "reads the same crops",
-        ),
-    ),
-    (
-        ("--seed",),
-        "seed",
-        dict(type=int, metavar="N", help="seed for the model init, the data order and augmentation, mixup/cutmix"),
-    ),
-    (
-        ("--log-every",),
-        "log_every",
-        dict(
-            type=int,
-            metavar="STEPS",
-            help="update the progress bar and TensorBoard step scalars every STEPS optimizer steps",
-        ),
-    ),
-    (
-        ("--overfit-batches",),
-        "overfit_batches",
-        dict(
-            type=int,
-            metavar="N",
-            help="sanity check instead of a run: take the first N training batches once, without augmentation, "
-            "and train on them until they are memorized (loss near 0, train top-1 100%%); writes "
-            '"overfit" to OUTPUT/summary.json and exits 1 if it fails within --overfit-steps',
-        ),
-    ),
-    (
-        ("--overfit-steps",),
-        "overfit_steps",
-        dict(type=int, metavar="STEPS", help="optimizer-step budget of --overfit-batches"),
-    ),
-    (
-        ("--progress",),
-        "progress",
-        dict(
-            choices=["auto", "always", "never"], help="progress bar on rank 0: auto shows it when stderr is a terminal"
-        ),
-    ),
-]
+    preset: str | None = _opt(
+        _PRESET_HELP,
+        None,
+        choices=sorted(PRESETS),
+    )
+    output: str = _opt(
+        "run folder: checkpoints/{last,best}.pt, metrics.jsonl, summary.json, tb/ (TensorBoard)",
+        "runs/train",
+        metavar="DIR",
+    )
+    resume: str | None = _opt(
+        "resume from CKPT (or, without a value, OUTPUT/checkpoints/last.pt), mid-epoch included; a run resumes from OUTPUT/checkpoints/last.pt by default anyway",
+        None,
+        metavar="CKPT",
+        nargs="?",
+        const="auto",
+    )
+    no_auto_resume: bool = _opt(
+        "start afresh even when OUTPUT/checkpoints/last.pt exists (it is overwritten)",
+        False,
+        action="store_true",
+    )
+    checkpoint_minutes: float = _opt(
+        "also write last.pt every MIN minutes mid-epoch (it is always written at each epoch end); 0 = only at epoch ends",
+        10.0,
+        type=float,
+        metavar="MIN",
+    )
+    evaluate: str | None = _opt(
+        "only evaluate the checkpoint CKPT on the validation data (--data or --val-shards) and print top-1/top-5 (and a JSON line); the model, its stem and the image size come from the checkpoint",
+        None,
+        metavar="CKPT",
+    )
+    deterministic: bool = _opt(
+        "deterministic algorithms only, so a run (and a resumed run) repeats bit for bit on the same machine; either backend seeds each sample's crop and flip from (seed, epoch, sample), so a mid-epoch resume reads the same crops",
+        False,
+        action="store_true",
+    )
+    seed: int = _opt(
+        "seed for the model init, the data order and augmentation, mixup/cutmix",
+        0,
+        type=int,
+        metavar="N",
+    )
+    log_every: int = _opt(
+        "update the progress bar and TensorBoard step scalars every STEPS optimizer steps",
+        20,
+        type=int,
+        metavar="STEPS",
+    )
+    # sanity check (train/overfit.py)
+    overfit_batches: int | None = _opt(
+        'sanity check instead of a run: take the first N training batches once, without augmentation, and train on them until they are memorized (loss near 0, train top-1 100%%); writes "overfit" to OUTPUT/summary.json and exits 1 if it fails within --overfit-steps',
+        None,
+        type=int,
+        metavar="N",
+    )
+    overfit_steps: int = _opt(
+        "optimizer-step budget of --overfit-batches",
+        500,
+        type=int,
+        metavar="STEPS",
+    )
+    progress: str = _opt(
+        "progress bar on rank 0: auto shows it when stderr is a terminal",
+        "auto",
+        choices=["auto", "always", "never"],
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = Config()
     p = argparse.ArgumentParser(
         prog="python -m train",
         description=(
@@ -467,16 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for flags, name, kw in OPTIONS:
-        kw = dict(kw)
-        default = getattr(defaults, name)
-        if kw.get("action") == "store_false":
-            kw["help"] += " (default: zero-init on)"
-        elif kw.get("action") != "store_true":
-            kw["help"] += f" (default: {default})" if default is not None else ""
-        kw.setdefault("default", None)
-        p.add_argument(*flags, dest=name, **kw)
+    for f in dataclasses.fields(Config):
+        _add_option(p, f)
     return p
+
+
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """One --option from one Config field. Its parsed default is None, so parse() can tell a
+    flag given on the command line from one left out (and let a preset's value stand)."""
+    kw = dict(f.metadata["argparse"])
+    help = f.metadata["help"]
+    if kw.get("action") not in ("store_true", "store_false") and f.default is not None:
+        help += f" (default: {f.default})"
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+    p.add_argument(flag, dest=f.name, default=None, help=help, **kw)
 
 
 def parse(argv: list[str] | None = None) -> Config:

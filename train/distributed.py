@@ -79,6 +79,25 @@ def setup(timeout_minutes: float = 30.0) -> Dist:
     return Dist(rank, world, local_rank, local_world, device)
 
 
+def wrap_model(model: torch.nn.Module, d: Dist, *, compile: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model the trainer steps, the model evaluation runs), from the plain model.
+
+    DDP wraps first and torch.compile goes over it: compiling DDP lets dynamo split the graph
+    at DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward
+    pass; DDP around a compiled module sees one opaque backward and all-reduces after it.
+    gradient_as_bucket_view: the gradients are views into DDP's buckets, no copy in and out.
+    Evaluation needs no DDP (no gradients), so it runs the plain model, compiled on its own.
+    """
+    train_model = model
+    if d.enabled:
+        kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
+        train_model = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, **kw)
+    if not compile:
+        return train_model, model
+    compiled = torch.compile(train_model)
+    return compiled, (torch.compile(model) if d.enabled else compiled)
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

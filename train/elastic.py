@@ -1,4 +1,4 @@
-"""Resuming a checkpoint under another number of processes or batch size (issue 15).
+"""Resuming a checkpoint under another number of processes or batch size.
 
 The documented rule for what depends on the global batch:
 
@@ -18,70 +18,48 @@ continuation, not a bit-exact replay (a resume on the same shape is; see train/c
 
 from __future__ import annotations
 
-from train.engine import EpochState
+from train.checkpoint import Saved
+from train.engine import EPOCH_COUNTS, EPOCH_TIMES, EpochState
 from train.recipe import peak_lr
 
 
-def old_global_batch(ck: dict) -> int:
-    return int(ck["config"]["batch_size"]) * int(ck.get("world_size", 1))
-
-
-def samples_seen(ck: dict) -> int:
-    """Samples trained on before the checkpoint (all ranks); older checkpoints: steps x global batch."""
-    if "samples_seen" in ck:
-        return int(ck["samples_seen"])
-    return int(ck["global_step"]) * old_global_batch(ck)
-
-
-def samples_before_epoch(ck: dict) -> int:
-    """Samples trained on in the epochs before the checkpoint's epoch."""
-    if "samples_before_epoch" in ck:
-        return int(ck["samples_before_epoch"])
-    return samples_seen(ck) - sum(int(r.get("seen", 0)) for r in ck["ranks"]) if ck["batches"] > 0 else samples_seen(ck)
-
-
-def same_shape(ck: dict, world_size: int, batch_size: int, micro_batch: int) -> bool:
+def same_shape(ck: Saved, world_size: int, batch_size: int, micro_batch: int) -> bool:
     """The checkpoint was taken with this many processes, this global batch and this micro-batch."""
-    loader = (ck["ranks"][0] or {}).get("loader", {}) if ck.get("ranks") else {}
     return (
-        ck.get("world_size") == world_size
-        and int(ck["config"]["batch_size"]) == batch_size
-        and loader.get("batch_size", micro_batch) == micro_batch
+        ck.world_size == world_size
+        and ck.batch_size == batch_size
+        and (ck.micro_batch if ck.micro_batch is not None else micro_batch) == micro_batch
     )
 
 
-def carried_sums(ranks: list[dict], rank: int, world_size: int) -> dict:
-    """This new rank's share of the old ranks' running sums for the epoch.
+def carried_sums(ranks: list[dict], rank: int) -> dict:
+    """This new rank's share of the old ranks' running sums for the epoch (and their lr).
 
-    Epoch metrics are sums over ranks (loss and sample counts) or per-rank means (seconds), so
-    rank 0 takes the old totals and every rank the old mean time: the epoch-end reduction then
-    gives the whole epoch's train_loss and time.
+    Counts add up over ranks and times are per rank (engine.EPOCH_SUMS), so rank 0 takes the
+    old totals and every rank the old mean time: the epoch-end reduction then gives the whole
+    epoch's train_loss and time.
     """
     n = max(1, len(ranks))
-    return {
-        "loss_sum": sum(r["loss_sum"] for r in ranks) if rank == 0 else 0.0,
-        "seen": sum(r["seen"] for r in ranks) if rank == 0 else 0,
-        "seconds": sum(r["seconds"] for r in ranks) / n,
-        "wait_seconds": sum(r["wait_seconds"] for r in ranks) / n,
-        "lr": ranks[0]["lr"] if ranks else 0.0,
-    }
+    counts = {k: sum(r[k] for r in ranks) if rank == 0 else 0 for k in EPOCH_COUNTS}
+    times = {k: sum(r[k] for r in ranks) / n for k in EPOCH_TIMES}
+    return counts | times | {"lr": ranks[0]["lr"] if ranks else 0.0}
 
 
-def resume(ck: dict, loader, *, rank: int, world_size: int, global_batch: int, peak: float) -> tuple[EpochState, str]:
+def resume(ck: Saved, loader, *, rank: int, world_size: int, global_batch: int, peak: float) -> tuple[EpochState, str]:
     """The epoch state to continue from under the new shape, and the log line that says what changed."""
-    state = EpochState(int(ck["epoch"]), 0, 0)
+    state = EpochState(ck.epoch, 0, 0)
     through = 0.0
-    if ck["batches"] > 0:  # mid-epoch: the new ranks read the rest of it
-        loader.load_state_dict(ck["ranks"][0]["loader"])
+    if ck.batches > 0 and ck.loader is not None:  # mid-epoch: the new ranks read the rest of it
+        loader.load_state_dict(ck.loader)
         state.batches = int(loader.state_dict()["batches"])
         through = loader.progress
-        for k, v in carried_sums(ck["ranks"], rank, world_size).items():
-            setattr(state, k, v)
-    state.global_step = round(samples_seen(ck) / global_batch)
-    old_batch = old_global_batch(ck)
-    old_peak = peak_lr(float(ck["config"]["lr"]), old_batch)
+        carried = carried_sums(ck.rank_sums, rank)
+        state.set_sums(carried)
+        state.lr = carried["lr"]
+    state.global_step = round(ck.samples_seen / global_batch)
+    old_peak = peak_lr(ck.base_lr, ck.global_batch)
     line = (
-        f"resumed {ck.get('world_size', 1)} -> {world_size} processes at epoch {state.epoch}, {through:.0%} through; "
-        f"global batch {old_batch} -> {global_batch}, lr {old_peak:.4g} -> {peak:.4g}"
+        f"resumed {ck.world_size} -> {world_size} processes at epoch {state.epoch}, {through:.0%} through; "
+        f"global batch {ck.global_batch} -> {global_batch}, lr {old_peak:.4g} -> {peak:.4g}"
     )
     return state, line

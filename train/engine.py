@@ -5,8 +5,11 @@ the last, through no_sync), one small all-reduce of two flags (non-finite loss o
 rank 0 wants a checkpoint) so every rank takes the same decision, then clipping, the
 optimizer step, the lr schedule and the EMA.
 
-Nothing in a step waits for the GPU. The flags of step t are read on the host after step
-t + 1 has been queued (a step late), the loss sum stays on the device until a checkpoint or
+Nothing in a step waits for the GPU. The flags of step t are copied (non-blocking) into
+pinned host memory right after their all-reduce, and a CUDA event is recorded behind that
+copy; the host reads them after step t + 1 has been queued (a step late), waiting on that
+event only, never on the stream (a .tolist() there would wait for step t + 1's whole
+forward and backward). The loss sum stays on the device until a checkpoint or
 the epoch end needs it, and the progress bar reads the loss only every --log-every steps; so
 the CPU runs ahead of the GPU and loader waits are real waits. A non-finite loss is therefore
 found one step after it happened: the run stops there, before any checkpoint is written, so
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +52,18 @@ def choose_amp(amp: str, device_type: str, native_bf16: bool) -> str:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    # including_emulation defaults to True, which answers yes on V100/T4 (issue 14, item 1).
+    # including_emulation defaults to True, which answers yes on V100/T4, whose bf16 is emulated.
     native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     return choose_amp(amp, device.type, native)
+
+
+# The epoch's running sums, per rank, named as EpochState's fields: a checkpoint keeps every
+# rank's, an elastic resume hands the old ranks' to the new ones (train/elastic.py), the epoch end
+# adds them over ranks (epoch_totals). Counts add up over ranks; times are per rank, so their
+# sum over ranks is world size x the epoch's time.
+EPOCH_COUNTS = ("loss_sum", "seen")
+EPOCH_TIMES = ("seconds", "wait_seconds")
+EPOCH_SUMS = EPOCH_COUNTS + EPOCH_TIMES
 
 
 @dataclass
@@ -68,14 +80,52 @@ class EpochState:
     lr: float = 0.0
 
     def reset(self, epoch: int) -> None:
-        self.epoch, self.batches, self.loss_sum, self.seen, self.seconds, self.wait_seconds = epoch, 0, 0.0, 0, 0.0, 0.0
+        self.epoch, self.batches = epoch, 0
+        self.set_sums(EpochState().sums())
+
+    def sums(self) -> dict[str, float]:
+        """This rank's running sums of the epoch (EPOCH_SUMS)."""
+        return {k: getattr(self, k) for k in EPOCH_SUMS}
+
+    def set_sums(self, sums: Mapping[str, float]) -> None:
+        for k in EPOCH_SUMS:
+            setattr(self, k, sums[k])
+
+
+def epoch_totals(state: EpochState, dist: Dist) -> dict[str, float]:
+    """The epoch's running sums added over every rank (a collective: every rank calls it)."""
+    return dict(zip(EPOCH_SUMS, all_reduce_sum(list(state.sums().values()), dist), strict=True))
+
+
+def ddp_of(model: nn.Module) -> nn.parallel.DistributedDataParallel | None:
+    """The DistributedDataParallel module the trainer steps, also under torch.compile's wrapper
+    (train.distributed.wrap_model compiles DDP, not the other way round)."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.parallel.DistributedDataParallel) else None
+
+
+def copy_to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of a small device tensor, readable later without waiting for work queued after it.
+
+    On a GPU: a non-blocking copy into pinned memory (torch's caching host allocator: no
+    cudaHostAlloc per step) and an event recorded right behind it on the current stream;
+    whoever reads the copy waits for that event only. On CPU the tensor itself, no event.
+    """
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(t.device))
+    return host, copied
 
 
 @dataclass
 class _Pending:
     """A queued step whose flags the host has not read yet."""
 
-    flags: torch.Tensor  # int32 [2]: non-finite on any rank, checkpoint wanted by rank 0
+    flags: torch.Tensor  # int32 [2] on the host: non-finite on any rank, checkpoint wanted by rank 0
+    copied: torch.cuda.Event | None  # GPU: recorded behind the flags' copy to the host
     epoch: int
     batches: int  # state.batches before the step
     step: int  # state.global_step before the step
@@ -125,8 +175,11 @@ class Trainer:
             group = min(self.accum_steps, n - state.batches)
             loss_total, nonfinite, samples, wait = self._forward_backward(it, group)
             flags = any_ranks([nonfinite, want_checkpoint()], self.dist, read=False)
+            flags, copied = copy_to_host(flags)  # queued before this step's optimizer kernels
             mean_loss = loss_total / max(1, samples)
-            self._pending.append(_Pending(flags, state.epoch, state.batches, state.global_step, state.lr, mean_loss))
+            self._pending.append(
+                _Pending(flags, copied, state.epoch, state.batches, state.global_step, state.lr, mean_loss)
+            )
             state.lr = self.schedule.apply(self.optimizer, state.global_step)
             self._optimizer_step()
             state.global_step += 1
@@ -150,7 +203,7 @@ class Trainer:
 
     def _forward_backward(self, it, group: int) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """`group` micro-batches: summed loss (float64, on the device), non-finite flag, samples, loader wait."""
-        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        ddp = ddp_of(self.model)
         loss_total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.dist.device)
         wait, samples = 0.0, 0
@@ -166,7 +219,7 @@ class Trainer:
             if not self._first_logged and self.on_first_batch is not None:
                 self.on_first_batch(images)
             self._first_logged = True
-            sync = self.model.no_sync() if ddp and i < group - 1 else contextlib.nullcontext()
+            sync = ddp.no_sync() if ddp is not None and i < group - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(self.amp, self.dist.device):
                     loss = self.criterion(self.model(images), targets)
@@ -186,6 +239,8 @@ class Trainer:
         checkpoint = False
         while len(self._pending) > keep:
             p = self._pending.pop(0)
+            if p.copied is not None:
+                p.copied.synchronize()  # that step's all-reduce and copy only, not the steps queued since
             stop, wanted = (bool(v) for v in p.flags.tolist())
             if stop:
                 self._pending.clear()

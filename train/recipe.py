@@ -2,7 +2,8 @@
 
 Bag of Tricks (He et al. 2018) items live here: lr = base x global_batch / 256, linear warmup
 per iteration then cosine decay, label smoothing, no weight decay on biases and norm layers
-(zero-init of the last BN gamma is in models.py), mixup. Everything random here draws from its
+(zero-init of the last BN gamma is in models.py), mixup. `make_recipe` builds them all, once,
+from the command line (a Recipe). Everything random here draws from its
 own numpy Generator whose state goes into the checkpoint, so a resumed run repeats exactly.
 """
 
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from train.config import Config
+from train.distributed import Dist
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -160,3 +165,32 @@ class ModelEma:
     def load_state_dict(self, state: dict, updates: int) -> None:
         self.module.load_state_dict(state)
         self.updates = updates
+
+
+@dataclass
+class Recipe:
+    """What turns gradients into progress, built once from the config."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEma | None
+    mixing: MixupCutmix
+    global_batch: int
+    peak_lr: float
+
+
+def make_recipe(cfg: Config, d: Dist, model: nn.Module, num_classes: int, batches: int, amp: str) -> Recipe:
+    steps_per_epoch = -(-batches // cfg.accum_steps)
+    global_batch = cfg.batch_size * d.world_size
+    peak = peak_lr(cfg.lr, global_batch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return Recipe(
+        optimizer=make_optimizer(model, cfg.optimizer, peak, cfg.wd, cfg.momentum, cfg.nesterov),
+        schedule=WarmupCosine(peak, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr),
+        scaler=torch.amp.GradScaler(d.device.type) if amp == "fp16" else None,
+        ema=ModelEma(model, cfg.ema) if cfg.ema > 0 else None,
+        mixing=MixupCutmix(cfg.mixup, cfg.cutmix, num_classes, seed=cfg.seed * 1000 + d.rank),
+        global_batch=global_batch,
+        peak_lr=peak,
+    )

@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
-from loaders.show import batch_grid
+from loaders import batch_grid, redact_text, redact_values
 
 
 def write_json_atomic(path: str, obj: object) -> None:
@@ -71,7 +71,7 @@ class Reporter:
 
     def log(self, message: str) -> None:
         if self.active:
-            print(message, file=sys.stderr, flush=True)
+            print(redact_text(message), file=sys.stderr, flush=True)  # a SPEC's token never on screen
 
     # -- TensorBoard ------------------------------------------------------------------------
     def scalars(self, values: dict, step: int, prefix: str) -> None:
@@ -92,6 +92,8 @@ class Reporter:
         if self.active:
             from torch.utils.tensorboard.summary import hparams as hp
 
+            # TensorBoard shows these to whoever reads the logs: no URL's credentials among them
+            hparams = redact_values(hparams)
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             exp, ssi, sei = hp(clean, metrics)
             writer = self.tb._get_file_writer()
@@ -119,7 +121,7 @@ class Reporter:
 
     def summary(self, summary: dict) -> None:
         if self.active:
-            write_json_atomic(self.summary_path, summary)
+            write_json_atomic(self.summary_path, redact_values(summary))
 
     def close(self) -> None:
         self.end_epoch()

@@ -10,22 +10,22 @@ checkpoints -> summary.json.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from loaders import CacheError, DecodeError, make_loader
+from loaders import CacheError, DecodeError, make_loader, redact_text
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
-from train.engine import EpochState, NonFiniteLoss, Trainer, evaluate, resolve_amp
+from train.engine import EpochState, NonFiniteLoss, Trainer, epoch_totals, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, check_deterministic, uses_small_stem
 from train.overfit import TooFewBatches, run_overfit
-from train.recipe import MixupCutmix, ModelEma, WarmupCosine, make_loss, make_optimizer, peak_lr
+from train.recipe import ModelEma, Recipe, make_loss, make_recipe
 from train.report import Reporter
 
 
@@ -51,18 +51,30 @@ def main(argv: list[str] | None = None) -> int:
             return overfit(cfg, d)
         return evaluate_only(cfg, d) if cfg.evaluate else train(cfg, d)
     except (SetupError, NonFiniteLoss, DecodeError, CacheError) as e:
-        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {e}", file=sys.stderr)
+        print(f"error{f' (rank {d.rank})' if d.enabled else ''}: {redact_text(str(e))}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteLoss) else 2
     finally:
+        close_loaders()
         distributed.teardown()
 
 
 # -- setup --------------------------------------------------------------------------------------
 
 
+_open_loaders: list = []  # every loader this process made, closed by close_loaders()
+
+
+def close_loaders() -> None:
+    """Close every loader while CUDA and the process group are still up: DALI GPU pipelines left
+    to interpreter teardown can abort the process after it has printed its results."""
+    while _open_loaders:
+        _open_loaders.pop().close()
+    gc.collect()  # a pipeline held in a reference cycle goes now, not at teardown
+
+
 def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: int, split: str | None):
     try:
-        return make_loader(
+        loader = make_loader(
             spec,
             split=split,
             batch_size=batch_size,
@@ -81,6 +93,8 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
     except (ValueError, OSError, ImportError, CacheError) as e:
         which = "training" if train else "validation"
         raise SetupError(f"{which} data: {e}") from None
+    _open_loaders.append(loader)
+    return loader
 
 
 def make_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
@@ -150,48 +164,30 @@ def seed_everything(cfg: Config) -> None:
     random.seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = not cfg.deterministic
-    torch.backends.cudnn.allow_tf32 = not cfg.deterministic
+    set_kernel_flags(cfg.deterministic)
+
+
+def set_kernel_flags(deterministic: bool) -> None:
+    """cudnn autotuning and TF32 matmuls/convolutions, unless --deterministic: training and --evaluate alike."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+
+
+def seed_rank(cfg: Config, d: distributed.Dist) -> None:
+    """Each rank its own torch stream from here on (dropout masks, stochastic depth), mixed from
+    (seed, rank) as the mixup seed is. Called after the model and its EMA are built, so every
+    rank starts from the same weights; a world of one keeps the single-process stream."""
+    if d.enabled:
+        torch.manual_seed(cfg.seed * 1000 + d.rank)
 
 
 # -- training -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Recipe:
-    """What turns gradients into progress, built once from the config."""
-
-    optimizer: torch.optim.Optimizer
-    schedule: WarmupCosine
-    scaler: torch.amp.GradScaler | None
-    ema: ModelEma | None
-    mixing: MixupCutmix
-    global_batch: int
-    peak_lr: float
-
-
-def make_recipe(cfg: Config, d: distributed.Dist, model: nn.Module, num_classes: int, batches: int, amp: str) -> Recipe:
-    steps_per_epoch = -(-batches // cfg.accum_steps)
-    global_batch = cfg.batch_size * d.world_size
-    peak = peak_lr(cfg.lr, global_batch)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    return Recipe(
-        optimizer=make_optimizer(model, cfg.optimizer, peak, cfg.wd, cfg.momentum, cfg.nesterov),
-        schedule=WarmupCosine(peak, cfg.epochs * steps_per_epoch, warmup, cfg.min_lr),
-        scaler=torch.amp.GradScaler(d.device.type) if amp == "fp16" else None,
-        ema=ModelEma(model, cfg.ema) if cfg.ema > 0 else None,
-        mixing=MixupCutmix(cfg.mixup, cfg.cutmix, num_classes, seed=cfg.seed * 1000 + d.rank),
-        global_batch=global_batch,
-        peak_lr=peak,
-    )
-
-
 def resume(
     cfg: Config, d: distributed.Dist, parts: ckpt_io.Stateful, recipe: Recipe, num_classes: int, reporter: Reporter
-) -> tuple[EpochState, ckpt_io.Progress]:
+) -> tuple[EpochState, ckpt_io.RunProgress]:
     """Continue from --resume, or from OUTPUT/checkpoints/last.pt (previous.pt) when there is one; else start afresh.
 
     The same shape (processes, batch sizes) continues exactly; another continues the epoch in
@@ -205,16 +201,16 @@ def resume(
     if not path:
         if d.is_main and os.path.exists(reporter.metrics_path):
             os.remove(reporter.metrics_path)  # a fresh run: no lines from an earlier one
-        return EpochState(), ckpt_io.Progress()
+        return EpochState(), ckpt_io.RunProgress()
     ck, path = _read_checkpoint(path, last_path, reporter)
-    batches = len(parts.loader)
-    _check_compatible(ck, cfg, num_classes)
-    if elastic.same_shape(ck, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
+    batches, saved = len(parts.loader), ckpt_io.saved(ck)
+    _check_compatible(saved, cfg, num_classes)
+    if elastic.same_shape(saved, d.world_size, cfg.batch_size, cfg.batch_size // cfg.accum_steps):
         state = ckpt_io.restore(ck, parts, d.rank, d.device)
     else:  # another number of processes or batch size: continue the epoch (train/elastic.py)
         ckpt_io.restore_weights(ck, parts)
         state, change = elastic.resume(
-            ck,
+            saved,
             parts.loader,
             rank=d.rank,
             world_size=d.world_size,
@@ -226,17 +222,6 @@ def resume(
     reporter.rewrite_metrics(progress.history)
     reporter.log(f"resumed from {path} at epoch {state.epoch}, batch {state.batches}/{batches}")
     return state, progress
-
-
-def wrap(cfg: Config, d: distributed.Dist, model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(the model the trainer steps: compiled, then DDP; the model evaluation runs: compiled)."""
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model
-    if d.enabled:
-        kw = {"device_ids": [d.device.index]} if d.device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **kw)
-    return model, eval_model
 
 
 def log_step(reporter: Reporter, every: int, st: EpochState, loss: torch.Tensor, group: int) -> None:
@@ -253,7 +238,7 @@ def train_one_epoch(
     loader,
     state: EpochState,
     saver: ckpt_io.Checkpointer,
-    progress: ckpt_io.Progress,
+    progress: ckpt_io.RunProgress,
     reporter: Reporter,
     cfg: Config,
     d: distributed.Dist,
@@ -270,9 +255,8 @@ def train_one_epoch(
         on_step=functools.partial(log_step, reporter, cfg.log_every),
     )
     reporter.end_epoch()
-    loss_sum, seen, seconds, wait = distributed.all_reduce_sum(
-        [state.loss_sum, state.seen, state.seconds, state.wait_seconds], d
-    )
+    total = epoch_totals(state, d)
+    loss_sum, seen, seconds, wait = total["loss_sum"], total["seen"], total["seconds"], total["wait_seconds"]
     progress.samples_base += int(seen)  # the schedule's clock for the checkpoint at this epoch's end
     return {
         "epoch": epoch,
@@ -321,9 +305,10 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     model = make_model(cfg, d, num_classes)
     amp = resolve_amp(cfg.amp, d.device)
     recipe = make_recipe(cfg, d, model, num_classes, len(train_loader), amp)
+    seed_rank(cfg, d)
     parts = ckpt_io.Stateful(model, recipe.optimizer, recipe.scaler, recipe.ema, recipe.mixing, train_loader)
     state, progress = resume(cfg, d, parts, recipe, num_classes, reporter)
-    train_model, eval_model = wrap(cfg, d, model)
+    train_model, eval_model = distributed.wrap_model(model, d, compile=bool(cfg.compile))
     trainer = Trainer(
         model=train_model,
         optimizer=recipe.optimizer,
@@ -378,7 +363,7 @@ def finish(
     d: distributed.Dist,
     reporter: Reporter,
     state: EpochState,
-    progress: ckpt_io.Progress,
+    progress: ckpt_io.RunProgress,
     t_start: float,
     global_batch: int,
 ) -> int:
@@ -411,10 +396,10 @@ def finish(
     return 0
 
 
-def _check_compatible(ck: dict, cfg: Config, num_classes: int) -> None:
-    if ck.get("arch") != cfg.arch or ck.get("num_classes") != num_classes:
+def _check_compatible(ck: ckpt_io.Saved, cfg: Config, num_classes: int) -> None:
+    if ck.arch != cfg.arch or ck.num_classes != num_classes:
         raise SetupError(
-            f"checkpoint is {ck.get('arch')} with {ck.get('num_classes')} classes, this run is {cfg.arch} with "
+            f"checkpoint is {ck.arch} with {ck.num_classes} classes, this run is {cfg.arch} with "
             f"{num_classes}: use another --output, or --no-auto-resume to start afresh"
         )
 
@@ -453,25 +438,25 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
 
 
 def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
+    set_kernel_flags(cfg.deterministic)  # as training: cudnn autotuning and TF32 unless --deterministic
     try:
-        ck = ckpt_io.load(cfg.evaluate)
+        ck = ckpt_io.saved(ckpt_io.load(cfg.evaluate))
     except ValueError as e:
         raise SetupError(str(e)) from None
     # The model and its input size come from the checkpoint: it fixes what the weights mean.
-    saved = ck.get("config", {})
-    cfg.image_size = ck.get("image_size", cfg.image_size)
-    cfg.arch, cfg.stem = ck.get("arch", cfg.arch), ck.get("stem", cfg.stem)
-    cfg.zero_init_residual = saved.get("zero_init_residual", True)
+    cfg.image_size = ck.image_size or cfg.image_size
+    cfg.arch, cfg.stem = ck.arch or cfg.arch, ck.stem or cfg.stem
+    cfg.zero_init_residual = ck.zero_init_residual
     _, val_loader = make_loaders(cfg, d, cfg.batch_size)
-    num_classes = ck["num_classes"]
+    num_classes = ck.num_classes
     if val_loader.num_classes and val_loader.num_classes != num_classes:
         raise SetupError(f"checkpoint has {num_classes} classes, the validation data {val_loader.num_classes}")
     model = make_model(cfg, d, num_classes)
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(ck.model)
     amp = resolve_amp(cfg.amp, d.device)
     result = {"checkpoint": cfg.evaluate, **{f"val_{k}": v for k, v in evaluate(model, val_loader, d, amp).items()}}
-    if ck.get("ema") is not None:
-        model.load_state_dict(ck["ema"])
+    if ck.ema is not None:
+        model.load_state_dict(ck.ema)
         ev = evaluate(model, val_loader, d, amp)
         result.update(val_top1_ema=ev["top1"], val_top5_ema=ev["top5"])
     if d.is_main:

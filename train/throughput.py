@@ -63,19 +63,25 @@ def measure(
     amp: str,
     channels_last: bool,
     device: torch.device,
+    compile: bool = False,
 ) -> dict:
-    """Train `warmup` steps, then `steps` measured ones; images/s and the share of time waiting for data."""
+    """Train `warmup` steps, then `steps` measured ones; images/s, the share of time waiting for
+    data and (GPU) the peak memory torch allocated. compile: as python -m train --compile (the
+    warm-up steps then include the compilation)."""
     torch.backends.cudnn.benchmark = True
     model = build_model(arch, num_classes, stem="standard", image_size=image_size)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     optimizer = make_optimizer(model, "sgd", 0.1, 1e-4)
+    dist = distributed.Dist(device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(
-        model=model,
+        model=distributed.wrap_model(model, dist, compile=compile)[0],
         optimizer=optimizer,
         schedule=WarmupCosine(0.1, steps + warmup, 0),
         criterion=make_loss(0.1),
-        dist=distributed.Dist(device=device),
+        dist=dist,
         amp=amp,
         accum_steps=1,
         channels_last=channels_last,
@@ -85,10 +91,13 @@ def measure(
     trainer.train_epoch(Steps(it, warmup), EpochState(), want_checkpoint=never, save_checkpoint=lambda: None)
     state = EpochState()
     trainer.train_epoch(Steps(it, steps), state, want_checkpoint=never, save_checkpoint=lambda: None)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "arch": arch,
         "amp": amp,
         "channels_last": channels_last,
+        "compile": compile,
+        "peak_gpu_memory_gib": peak,
         "steps": steps,
         "images": state.seen,
         "seconds": state.seconds,
@@ -124,8 +133,12 @@ def run(args: argparse.Namespace) -> dict:
         amp=amp,
         channels_last=args.channels_last,
         device=device,
+        compile=args.compile,
     )
-    real = measure(forever(loader), **common)
+    try:
+        real = measure(forever(loader), **common)
+    finally:
+        loader.close()  # its DALI pipelines go while CUDA is up, not at interpreter teardown
     real["loader"] = loader.backend_name
     fake = measure(synthetic(args.batch_size, args.image_size, common["num_classes"], device, dtype), **common)
     fake["loader"] = "synthetic"
@@ -149,6 +162,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="steps before measuring (cudnn autotuning, first build)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="as python -m train")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and images")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as python -m train --compile")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "pytorch"], help="loader backend")
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line with the result")

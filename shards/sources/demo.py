@@ -27,6 +27,10 @@ CLASSES = ("checker", "circle", "cross", "dots", "ring", "square", "star", "stri
 SHAPES = ("circle", "cross", "ring", "square", "star", "triangle")  # solid fill; the others are textures
 SPLITS = ("train", "val")
 JPEG_QUALITY = 90
+# The set's size when not told otherwise (the CLI's --train-per-class, --val-per-class, --demo-size).
+TRAIN_PER_CLASS = 500
+VAL_PER_CLASS = 100
+SIZE = 96
 _SS = 2  # masks are drawn at this supersampling factor, then reduced: cheap anti-aliasing
 
 
@@ -159,7 +163,7 @@ def _strokes(img: Image.Image, rng: np.random.Generator, count: int) -> None:
             draw.arc([x - r, y - r, x + r, y + r], start, start + rng.uniform(40, 160), fill=fill, width=width)
 
 
-def render(seed: int, split: str, index: int, label: int, size: int = 96) -> Image.Image:
+def render(seed: int, split: str, index: int, label: int, size: int = SIZE) -> Image.Image:
     """Draw one image of class CLASSES[label]; a pure function of its arguments."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     kind = CLASSES[label]
@@ -213,7 +217,13 @@ class DemoSource:
 
     dataset = "demo"
 
-    def __init__(self, seed: int = 0, train_per_class: int = 500, val_per_class: int = 100, size: int = 96) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        train_per_class: int = TRAIN_PER_CLASS,
+        val_per_class: int = VAL_PER_CLASS,
+        size: int = SIZE,
+    ) -> None:
         if train_per_class < 1 or val_per_class < 1:
             raise DemoError(
                 f"demo: train_per_class and val_per_class must be >= 1, not {train_per_class}, {val_per_class}"

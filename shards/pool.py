@@ -1,10 +1,10 @@
 """The process pool that does the CPU work of writing shards (decode, verify, re-encode, hash).
 
-Python threads cannot decode images in parallel, so the flow's tasks (threads) hand each
-shard to one of `workers` spawned processes. The source is sent to each process once, when
-it starts, rather than pickled with every shard; a process holds one shard at a time, so
-memory stays bounded whatever the dataset size. This module imports no Prefect, so a spawned
-process starts quickly.
+Python threads cannot decode images in parallel, so shards go to `workers` spawned processes:
+build() submits them all, the flow's tasks (threads) hand over one at a time. The source is
+sent to each process once, when it starts, rather than pickled with every shard; a process
+holds one shard at a time, so memory stays bounded whatever the dataset size. A process whose
+parent dies exits, and a pool that lost a process is replaced, so a retry can succeed.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from shards.build import ShardRecord, write_shard
 from shards.plan import ShardSpec
 from shards.storage import Storage
 from shards.types import Options, Source
+from shards.write import ShardRecord, write_shard
 
 _source: Source | None = None  # set in each pool process by _init
 PARENT_CHECK_SECONDS = 0.5
@@ -56,6 +56,10 @@ class ShardPool:
         return cf.ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=_init, initargs=(self.source, os.getpid())
         )
+
+    def submit(self, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> cf.Future[ShardRecord]:
+        """Start writing one shard in a pool process; the future holds its record."""
+        return self._pool.submit(_write, spec, storage, options, params)
 
     def write(self, spec: ShardSpec, storage: Storage, options: Options, params: dict) -> ShardRecord:
         """Write one shard in a pool process and wait for its record (called from task threads)."""
