@@ -195,7 +195,7 @@ class PlanBatches:
         return len(self.rows)
 
 
-# Issue 14, item 7: one (mean, 1/std) pair per device, made once; per batch they were two small
+# One (mean, 1/std) pair per device, made once: made per batch, they were two small
 # blocking host-to-device copies.
 _MEAN_INV_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
