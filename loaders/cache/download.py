@@ -59,7 +59,8 @@ class Remote:
 
     @property
     def stem(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        """The file's name: the URL's path alone, so a SPEC's query token names no local file."""
+        return self.url.partition("?")[0].partition("#")[0].rsplit("/", 1)[-1]
 
     @property
     def shown(self) -> str:

@@ -483,16 +483,3 @@ class EpochReads:
 
     def close(self) -> None:
         self.cache.end_epoch()
-
-    def segments(self, batches: int, max_runs: int) -> list[tuple[int, int]]:
-        """Cut batches [0, batches) into stretches reading at most `max_runs` runs each (a single
-        batch may read more): DALI's reader needs every file of a pipeline present when it is built."""
-        out, b0, lo = [], 0, 0
-        for b in range(batches):
-            hi = int(np.searchsorted(self.first_batch, b, side="right")) - 1  # last run batch b reads
-            if hi - lo + 1 > max_runs and b > b0:
-                out.append((b0, b))
-                b0 = b
-                lo = int(np.searchsorted(self.last_batch, b, side="left"))  # first run batch b reads
-        out.append((b0, batches))
-        return out
