@@ -72,7 +72,7 @@ Contract (the trainer can rely on every point):
   channels_last=True gives channels-last memory format (shape stays N x 3 x H x W).
 - An image that cannot be decoded raises loaders.DecodeError naming the shard and sample key.
 - Remote shards (s3://, gs://, http(s)://, any fsspec URL) are read through a local shard cache
-  (loaders/cache.py; make_loader's cache_dir= and cache_limit=): whole shards are downloaded
+  (loaders/cache/; make_loader's cache_dir= and cache_limit=): whole shards are downloaded
   ahead of use in plan order and checked against the manifest's sha256, every process on the
   machine shares the folder, and the backends read only local files, so batches are the same
   as from local disk. A shard that cannot be had raises loaders.CacheError, in one line.

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from loaders import sharding
-from loaders.cache import Remote, ShardCache, default_folder
+from loaders.cache import NodePlan, Remote, ShardCache, default_folder, local_ranks
 from loaders.common import DTYPES, ReadSpec
 from loaders.sharding import EpochPlan, num_batches, plan_epoch
 from loaders.spec import Shard, is_url, open_shards
@@ -110,6 +110,35 @@ class Loader:
             drop_last=self.drop_last,
         )
 
+    def _rank_plan(self, rank: int, epoch: int) -> EpochPlan:
+        """Another rank's plan, as that rank's loader computes it (plan() for `rank`)."""
+        if self._cut.segments is not None and epoch == self.epoch:
+            return sharding.plan_rest(
+                self.counts,
+                self._cut.segments,
+                batch_size=self.batch_size,
+                rank=rank,
+                world_size=self.world_size,
+                seed=self.seed,
+                epoch=epoch,
+            )
+        return plan_epoch(
+            self.counts,
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=epoch,
+            drop_last=self.drop_last,
+        )
+
+    def _node_plan(self, batch: int) -> NodePlan:
+        """Every local rank's reading from `batch` of this epoch, and the next epoch (the cache's node plan)."""
+        ranks = list(local_ranks(self.rank, self.world_size))
+        this = [self._rank_plan(r, self.epoch).from_batch(batch) for r in ranks]
+        after = [self._rank_plan(r, self.epoch + 1) for r in ranks]
+        return NodePlan.of_ranks(this, after, ranks.index(self.rank))
+
     @property
     def num_valid(self) -> int:
         """Real (not padding) samples this rank yields in the current epoch."""
@@ -182,6 +211,8 @@ class Loader:
     def with_valid(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Like iterating the loader, with a third element: a bool tensor [N], False on padding rows."""
         plan = self.plan().from_batch(self._done - self._cut.offset)
+        if self.cache is not None:
+            self.cache.announce(self._node_plan(self._done - self._cut.offset))
         valid = torch.from_numpy(plan.valid)
         start = self._done
         for b, (images, labels) in enumerate(self.backend.batches(plan, self.epoch)):
@@ -250,8 +281,10 @@ def make_loader(
     of a folder-with-manifest SPEC (default "train" if train else "val"). options: backend knobs
     (loaders/dali.py DaliOptions, loaders/pytorch.py TorchOptions field names). cache_dir,
     cache_limit: where remote (non-local) shards are cached whole and how many bytes the folder
-    may hold, as bytes or "200GB" (loaders/cache.py: default ~/.cache/shardline/shards/<hash of the set's
+    may hold, as bytes or "200GB" (loaders/cache/: default ~/.cache/shardline/shards/<hash of the set's
     URL>, $SHARDLINE_CACHE_DIR replacing ~/.cache/shardline; default limit 80% of that disk's free space).
+    One folder serves the node: the ranks sharing it are LOCAL_WORLD_SIZE consecutive ranks (as
+    torchrun sets it), else all world_size ranks; their plans decide prefetch and eviction.
     """
     dev = torch.device(device)
     if isinstance(dtype, str):
@@ -268,7 +301,10 @@ def make_loader(
     shard_list, manifest = open_shards(shards, split=split)
     drop_last = train if drop_last is None else drop_last
     name = _pick_backend(backend)
-    cache = open_cache(shard_list, cache_dir, cache_limit, verbose=rank == 0)
+    ranks = local_ranks(rank, world_size)
+    cache = open_cache(
+        shard_list, cache_dir, cache_limit, verbose=rank == ranks[0], local=len(ranks), manifest=manifest
+    )
     spec = ReadSpec(
         shards=shard_list,
         batch_size=batch_size,
@@ -312,20 +348,34 @@ def make_loader(
 
 
 def open_cache(
-    shards: list[Shard], folder: str | os.PathLike | None, limit: int | str | None, *, verbose: bool
+    shards: list[Shard],
+    folder: str | os.PathLike | None,
+    limit: int | str | None,
+    *,
+    verbose: bool,
+    local: int = 1,
+    manifest: dict | None = None,
 ) -> ShardCache | None:
-    """A shard cache for a remote set (None for local shards); each shard's index then reads from it."""
+    """A shard cache for a remote set (None for local shards), shared by `local` ranks of this node;
+    each shard's index then reads from it. A manifest that records an index's size and sha256
+    (index_bytes, index_sha256) has the index checked against them."""
     if not any(is_url(s.url) for s in shards):
         return None  # local shards are read in place
     # the set's folder, without a query: a token there names no other set (and is no folder name)
     root = shards[0].url.partition("?")[0].rsplit("/", 1)[0]
     folder = os.fspath(folder) if folder is not None else default_folder(root)
+    recorded = {e["name"]: e for sp in (manifest or {}).get("splits", {}).values() for e in sp["shards"]}
+    index_facts = [recorded.get(s.name, {}) for s in shards]
     cache = ShardCache(
         [Remote(s.url, s.bytes, s.sha256) for s in shards],
-        [Remote(s.index_url, None, None) for s in shards],
+        [
+            Remote(s.index_url, e.get("index_bytes"), e.get("index_sha256"))
+            for s, e in zip(shards, index_facts, strict=True)
+        ],
         folder,
         limit,
         verbose=verbose,
+        local_ranks=local,
     )
     try:
         for s, path in zip(shards, cache.fetch_indexes(), strict=True):

@@ -39,7 +39,7 @@ class ReadSpec:
     dtype: torch.dtype
     channels_last: bool
     options: dict
-    cache: ShardCache | None = None  # remote shards: read local copies through it (loaders/cache.py)
+    cache: ShardCache | None = None  # remote shards: read local copies through it (loaders/cache/)
 
 
 def apply_options(defaults, options: dict, backend: str):

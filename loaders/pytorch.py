@@ -66,7 +66,7 @@ Row = tuple[int, int, int, int, int, int]
 class ShardRows(Dataset):
     """Map-style dataset: a Row -> (uint8 H x W x 3 tensor, label).
 
-    `local`: the paths of a remote set's cached copies (loaders/cache.py). Those are opened for
+    `local`: the paths of a remote set's cached copies (loaders/cache/). Those are opened for
     each row and closed again, because the cache may evict and replace a file between epochs
     and a kept descriptor would hold the old one's disk space; `urls` name the shards in errors.
     """
@@ -202,7 +202,7 @@ class PlanBatches:
         return len(self.rows)
 
 
-# Issue 14, item 7: one (mean, 1/std) pair per device, made once; per batch they were two small
+# One (mean, 1/std) pair per device, made once: made per batch, they were two small
 # blocking host-to-device copies.
 _MEAN_INV_STD: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

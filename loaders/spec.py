@@ -58,7 +58,7 @@ SampleIndex = OffsetArrays  # per-sample member offsets of one shard, parsed fro
 @dataclass
 class Shard:
     url: str
-    index_url: str  # a local copy's path once a remote set's index is cached (loaders/cache.py)
+    index_url: str  # a local copy's path once a remote set's index is cached (loaders/cache/)
     samples: int
     bytes: int | None = None  # from the manifest, when there is one
     sha256: str | None = None

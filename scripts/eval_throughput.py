@@ -25,6 +25,7 @@ from train.distributed import Dist
 from train.engine import evaluate, resolve_amp
 from train.models import build_model
 from train.run import set_kernel_flags
+from train.throughput import add_run_options
 
 
 def first_shards(spec: str, images: int) -> list[str]:
@@ -86,11 +87,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="side of the center crop in pixels")
     p.add_argument("--images", type=int, default=10_000, help="read the first shards holding at least this many")
     p.add_argument("--passes", type=int, default=2, help="timed passes after the warm-up pass")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="as python -m train")
-    p.add_argument("--channels-last", action="store_true", help="channels-last model and images")
-    p.add_argument("--backend", default="auto", choices=["auto", "dali", "pytorch"], help="loader backend")
-    p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON line with the result")
+    add_run_options(p)
     return p.parse_args(argv)
 
 

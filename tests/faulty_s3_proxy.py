@@ -4,28 +4,44 @@ The first `failures` requests get an S3-style error (alternating 500 InternalErr
 SlowDown, S3's throttling answer); every later request is forwarded unchanged. Optionally,
 `latency` seconds are added to every request (a bucket in the same region is about 0.025),
 `deny` maps a path suffix to the status (403, 404) its requests always get, and `log` records
-(method, path, response bytes) of every forwarded request.
+(method, path, response bytes) of every forwarded request (`statuses`: their status codes).
+
+`bandwidth` (bytes/s, 0: none) caps what all responses together send, as one wire would: each
+64 KiB of a body takes the next free slot of 64 KiB / bandwidth seconds on one shared timeline,
+so concurrent downloads share the wire and together never exceed it. `before_forward(method,
+path)` runs before each request is forwarded (a test replaces an object mid-download there).
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
+CHUNK = 64 << 10
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
 
 
 class FaultyS3Proxy:
     def __init__(
-        self, upstream: str, failures: int = 0, latency: float = 0.0, deny: dict[str, int] | None = None
+        self,
+        upstream: str,
+        failures: int = 0,
+        latency: float = 0.0,
+        deny: dict[str, int] | None = None,
+        bandwidth: float = 0.0,
+        before_forward: Callable[[str, str], None] | None = None,
     ) -> None:
         self.upstream, self.failures_left = upstream.rstrip("/"), failures
-        self.latency, self.deny = latency, deny or {}
+        self.latency, self.deny, self.bandwidth, self.before_forward = latency, deny or {}, bandwidth, before_forward
         self.lock = threading.Lock()
         self.errors_sent: list[int] = []
         self.log: list[tuple[str, str, int]] = []
+        self.statuses: list[int] = []
+        self._wire_free = 0.0  # when the shared wire is next free (time.monotonic())
         self._closing = threading.Event()
         proxy = self
         session = requests.Session()
@@ -61,6 +77,8 @@ class FaultyS3Proxy:
                     if self.command != "HEAD":
                         self.wfile.write(msg)
                     return
+                if proxy.before_forward is not None:
+                    proxy.before_forward(self.command, self.path.split("?")[0])
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "content-length")}
                 r = session.request(
                     self.command,
@@ -73,6 +91,7 @@ class FaultyS3Proxy:
                 data = r.raw.read(decode_content=False)
                 with proxy.lock:
                     proxy.log.append((self.command, self.path.split("?")[0], len(data)))
+                    proxy.statuses.append(r.status_code)
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
                     if k.lower() not in _HOP:
@@ -82,13 +101,25 @@ class FaultyS3Proxy:
                 )
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    for k in range(0, len(data), CHUNK):
+                        proxy._pace(len(data[k : k + CHUNK]))
+                        self.wfile.write(data[k : k + CHUNK])
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _pace(self, n: int) -> None:
+        """Wait for this many bytes' slot on the shared wire (no wait without a bandwidth cap)."""
+        if not self.bandwidth:
+            return
+        with self.lock:
+            start = max(time.monotonic(), self._wire_free)
+            self._wire_free = start + n / self.bandwidth
+            end = self._wire_free
+        self._closing.wait(max(0.0, end - time.monotonic()))
 
     def __enter__(self) -> FaultyS3Proxy:
         self.thread.start()

@@ -74,11 +74,6 @@ def test_loader_errors_name_the_redacted_url(photos, tmp_path):
     assert_nowhere(str(unauthorized.value))
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the shard cache (loaders/cache) names its files by the URL's last part, query included; "
-    "its package rewrite is to name them by the path alone",
-)
 def test_shard_cache_file_names_hold_no_token(photos, tmp_path):
     with FaultyServer(photos, query={"token": TOKEN}) as srv:
         loader = make_loader(f"{srv.url}/?token={TOKEN}", batch_size=4, train=False, cache_dir=tmp_path / "cache")

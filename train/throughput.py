@@ -160,13 +160,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224, help="side of the training crop in pixels")
     p.add_argument("--steps", type=int, default=30, help="measured steps per run")
     p.add_argument("--warmup", type=int, default=10, help="steps before measuring (cudnn autotuning, first build)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as python -m train --compile")
+    add_run_options(p)
+    return p.parse_args(argv)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options every model-throughput measurement takes (this one, the GPU kit's eval path)."""
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"], help="as python -m train")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and images")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, as python -m train --compile")
     p.add_argument("--backend", default="auto", choices=["auto", "dali", "pytorch"], help="loader backend")
     p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     p.add_argument("--json", action="store_true", help="print one JSON line with the result")
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
