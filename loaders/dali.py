@@ -253,7 +253,7 @@ def image_pipeline(
         # Crop and flip from (seed, epoch, sample): loaders/dali_crops.py. On CPU only the crop's
         # region of the JPEG is decoded.
         images, mirror = dali_crops.random_resized_crop(jpegs, crops, decoder)
-        if opts.fused_resize and not gpu and augment is None:
+        if opts.fused_resize and not gpu:
             images = fn.shardline_resize_normalize(
                 images, size=[image_size, image_size], dtype=out_dtype, output_layout=layout, mirror=mirror, **normalize
             )
@@ -401,8 +401,10 @@ class DaliBackend:
         self.opts = DaliOptions.from_machine(self.device, spec.workers, spec.options)
         augment.check(self.opts.auto_augment, self.opts.random_erasing)
         self.augmenting = self.train and (self.opts.auto_augment != "none" or self.opts.random_erasing > 0)
-        if self.gpu or not self.train:
-            self.opts.fused_resize = False  # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize
+        if self.gpu or not self.train or self.augmenting:
+            # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize; auto-augment and erasing
+            # work on the resized uint8 pixels, between the resize and the normalization
+            self.opts.fused_resize = False
         elif self.opts.fused_resize is None:
             self.opts.fused_resize = dali_plugin.load()
         elif self.opts.fused_resize and not dali_plugin.load():
