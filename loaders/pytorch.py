@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils import signal_handling
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
@@ -306,5 +307,13 @@ class TorchBackend:
         at interpreter exit, tears them down in an order that reports them as exited unexpectedly)."""
         loader, self._loader = self._loader, None
         it = getattr(loader, "_iterator", None)
-        if it is not None:
-            it._shutdown_workers()
+        if it is None:
+            return
+        # Nothing more is read from workers being stopped, so how one of them ends no longer
+        # matters: unregister the SIGCHLD check first. Otherwise a worker that ends with a
+        # non-zero status while it is joined (one busy prefetching when asked to stop, on a loaded
+        # machine) makes close() raise "DataLoader worker exited unexpectedly".
+        if getattr(it, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        it._shutdown_workers()
