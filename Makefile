@@ -22,8 +22,8 @@ demo: install
 	$(BIN)/python -m shards verify data/demo
 	$(BIN)/python -m train --data data/demo --preset demo --output runs/demo
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/summary.json')); \
-	print(f\"demo: val top-1 {s['final_val_top1']:.1f}% (best {s['best_val_top1']:.1f}%) in {s['seconds']:.0f} s; \
-	TensorBoard: tensorboard --logdir {s['tensorboard']}\")"
+	v = f\"val top-1 {s['final_val_top1']:.1f}% (best {s['best_val_top1']:.1f}%)\" if s['final_val_top1'] is not None else f\"no validation ({s['val']})\"; \
+	print(f\"demo: {v} in {s['seconds']:.0f} s; TensorBoard: tensorboard --logdir {s['tensorboard']}\")"
 
 test: install
 	$(BIN)/ruff check .

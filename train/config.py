@@ -112,7 +112,7 @@ class Config:
         nargs="+",
     )
     val_shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
-        "validation shards, as --shards; without them (and without --data) no validation is run",
+        "validation shards, as --shards; without them, the val split of the manifest beside --shards (when it has one)",
         None,
         metavar="SPEC",
         nargs="+",

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from loaders import CacheError, DecodeError, make_loader, redact_text
+from loaders import CacheError, DecodeError, make_loader, manifest_folder, redact_text
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
 from train.config import Config, ConfigError, parse
@@ -98,23 +98,47 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
 
 
 def make_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
+    """(train loader, val loader or None, where val comes from, in words for the start line)."""
     if cfg.data:
-        train_spec, val_spec = cfg.data, cfg.data
+        train_spec, val_spec, val_split = cfg.data, cfg.data, "val"
     else:
-        train_spec, val_spec = (cfg.shards if cfg.shards and len(cfg.shards) > 1 else (cfg.shards or [None])[0]), None
-        if cfg.val_shards:
-            val_spec = cfg.val_shards if len(cfg.val_shards) > 1 else cfg.val_shards[0]
+        train_spec, val_split = (cfg.shards if cfg.shards and len(cfg.shards) > 1 else (cfg.shards or [None])[0]), None
+        val_spec = (cfg.val_shards if len(cfg.val_shards) > 1 else cfg.val_shards[0]) if cfg.val_shards else None
     train_loader = None
     if not cfg.evaluate:
         train_loader = _loader(
             cfg, d, train_spec, train=True, batch_size=micro_batch, split="train" if cfg.data else None
         )
+    origin = "from --val-shards" if cfg.val_shards else "from the manifest's val split"
+    if train_loader is not None and not cfg.val_shards:
+        # The design's own command names only --shards: a val split beside them is used, and said so.
+        val_spec, val_split = _val_beside(train_loader, train_spec), "val"
+        origin = origin if cfg.data else "from the manifest beside the shards; --val-shards to choose"
     val_loader = None
     if val_spec is not None:
-        val_loader = _loader(
-            cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split="val" if cfg.data else None
-        )
-    return train_loader, val_loader
+        val_loader = _loader(cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split=val_split)
+    return train_loader, val_loader, origin if val_loader is not None else _no_val_reason(cfg)
+
+
+def _val_beside(train_loader, train_spec) -> str | None:
+    """The folder of the training data's manifest when it lists a val split with samples in it."""
+    split = ((train_loader.manifest or {}).get("splits") or {}).get("val")
+    if not split or not split.get("samples"):
+        return None
+    return manifest_folder(train_spec)
+
+
+def _no_val_reason(cfg: Config) -> str:
+    if cfg.data:
+        return "the manifest has no val split"
+    return "no --val-shards, and no manifest with a val split beside the shards"
+
+
+def val_line(val_loader, origin: str) -> str:
+    """The start line's word on validation: how many samples and from where, or that there is none."""
+    if val_loader is None:
+        return f"no validation: {origin}"
+    return f"val: {val_loader.num_samples:,} samples {origin}"
 
 
 def num_classes_of(cfg: Config, *loaders) -> tuple[int, list | None]:
@@ -300,7 +324,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     t_start = time.time()
     seed_everything(cfg)
     reporter = Reporter(cfg.output, active=d.is_main, progress=cfg.progress)
-    train_loader, val_loader = make_loaders(cfg, d, cfg.batch_size // cfg.accum_steps)
+    train_loader, val_loader, val_origin = make_loaders(cfg, d, cfg.batch_size // cfg.accum_steps)
     num_classes, classes = num_classes_of(cfg, train_loader, val_loader)
     model = make_model(cfg, d, num_classes)
     amp = resolve_amp(cfg.amp, d.device)
@@ -334,7 +358,7 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     reporter.log(
         f"training {cfg.arch} ({num_classes} classes, {cfg.image_size} px) on {d.world_size} x {d.device.type}, "
         f"loader {train_loader.backend_name}, global batch {recipe.global_batch}, peak lr {recipe.peak_lr:.4g}, "
-        f"amp {amp}, {len(train_loader)} batches/epoch; output {cfg.output}"
+        f"amp {amp}, {len(train_loader)} batches/epoch; {val_line(val_loader, val_origin)}; output {cfg.output}"
     )
     try:
         while state.epoch < cfg.epochs:
@@ -355,7 +379,8 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         raise NonFiniteLoss(
             f"{e}{kept or ' (no checkpoint written yet)'}; try a lower --lr, --clip-grad or --amp bf16"
         ) from None
-    return finish(cfg, d, reporter, state, progress, saver.t_start, recipe.global_batch)
+    val = f"{val_loader.num_samples} samples {val_origin}" if val_loader is not None else f"none: {val_origin}"
+    return finish(cfg, d, reporter, state, progress, saver.t_start, recipe.global_batch, val)
 
 
 def finish(
@@ -366,8 +391,10 @@ def finish(
     progress: ckpt_io.RunProgress,
     t_start: float,
     global_batch: int,
+    val: str,
 ) -> int:
-    """summary.json, the hparams record and the last log line."""
+    """summary.json, the hparams record and the last log line. `val`: where validation came
+    from, or "none: why" (then the top-1 fields are null and the last line says so in words)."""
     steps_per_rank = distributed.gather_objects(state.global_step, d)  # equal, or a rank would have hung
     final = progress.history[-1] if progress.history else {}
     summary = {
@@ -375,6 +402,7 @@ def finish(
         "final_val_top1": final.get("val_top1"),
         "final_val_top5": final.get("val_top5"),
         "final_train_loss": final.get("train_loss"),
+        "val": val,
         "epochs": cfg.epochs,
         "seconds": time.time() - t_start,
         "world_size": d.world_size,
@@ -388,12 +416,18 @@ def finish(
     }
     reporter.hparams({k: v for k, v in cfg.to_dict().items() if v is not None}, metrics)
     reporter.log(
-        f"done: final val top-1 {summary['final_val_top1']}, best {summary['best_val_top1']}, "
-        f"{summary['seconds']:.0f} s; TensorBoard: tensorboard --logdir {summary['tensorboard']}"
+        f"done: {_top1_words(summary)}, {summary['seconds']:.0f} s; "
+        f"TensorBoard: tensorboard --logdir {summary['tensorboard']}"
     )
     reporter.close()
     distributed.barrier(d)
     return 0
+
+
+def _top1_words(summary: dict) -> str:
+    if summary["final_val_top1"] is None:
+        return f"no validation ({summary['val']})"
+    return f"final val top-1 {summary['final_val_top1']:.2f}%, best {summary['best_val_top1']:.2f}%"
 
 
 def _check_compatible(ck: ckpt_io.Saved, cfg: Config, num_classes: int) -> None:
@@ -447,7 +481,7 @@ def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     cfg.image_size = ck.image_size or cfg.image_size
     cfg.arch, cfg.stem = ck.arch or cfg.arch, ck.stem or cfg.stem
     cfg.zero_init_residual = ck.zero_init_residual
-    _, val_loader = make_loaders(cfg, d, cfg.batch_size)
+    _, val_loader, _ = make_loaders(cfg, d, cfg.batch_size)
     num_classes = ck.num_classes
     if val_loader.num_classes and val_loader.num_classes != num_classes:
         raise SetupError(f"checkpoint has {num_classes} classes, the validation data {val_loader.num_classes}")
