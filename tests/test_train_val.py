@@ -71,3 +71,32 @@ def test_the_manifest_is_looked_for_beside_the_first_shard_remote_too():
     assert manifest_folder("https://h/set/x-train-000.tar?token=t") == "https://h/set?token=t"
     assert manifest_folder(["/d/a.tar", "/e/b.tar"]) == "/d"
     assert manifest_folder("s3://bucket/set") == "s3://bucket/set"
+
+
+def test_remote_shards_alone_validate_on_the_val_split_beside_them(photos, tmp_path, capsys):
+    """The same on s3://: the manifest beside the shards is read there, val goes through the shard cache."""
+    import s3fs
+    from s3_server import moto_s3
+
+    trains = sorted(p.name for p in photos.glob("*-train-*.tar"))
+    name = trains[0].replace("000", f"{{000..{len(trains) - 1:03d}}}")
+    with moto_s3() as endpoint:
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).put(
+            str(photos) + "/", "team-data/set/", recursive=True
+        )
+        out = tmp_path / "run"
+        rc, err = train_in_process(
+            capsys,
+            "--shards",
+            f"s3://team-data/set/{name}",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *TINY,
+            "--epochs",
+            "1",
+            "--output",
+            str(out),
+        )
+    assert rc == 0, err
+    assert "samples from the manifest beside the shards; --val-shards to choose" in err
+    assert json.loads((out / "summary.json").read_text())["final_val_top1"] is not None
