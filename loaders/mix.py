@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loaders.spec import Shard, open_shards
+from loaders.spec import Shard, is_url, open_shards
 from shards.redact import redact_url
 
 
@@ -168,6 +168,9 @@ def open_sets(
     for spec, _ in sets:
         got, manifest = open_shards(spec, split=split)
         shown = ", ".join(redact_url(str(s)) for s in (spec if isinstance(spec, (list, tuple)) else [spec]))
+        if any(is_url(s.url) for s in got):
+            # The shard cache serves one set (its file names are the shards' names, which two sets can share).
+            raise ValueError(f"{shown}: several sets in one stream are read from local folders only, for now")
         if not manifest or not manifest.get("classes"):
             raise ValueError(f"{shown}: several sets join their classes by name, so each needs its manifest.json")
         shards += got

@@ -110,3 +110,15 @@ def test_both_backends_give_the_same_labels_and_rows(two_sets):
         got[backend] = (torch.cat([y for _, y in ld]), ld.plan())
     assert torch.equal(got["pytorch"][0], got["dali"][0])
     assert np.array_equal(got["pytorch"][1].sample, got["dali"][1].sample)
+
+
+def test_a_remote_set_in_a_mix_is_refused_in_one_line(two_sets, tmp_path):
+    """Not yet: the shard cache serves one set (two sets' shards can share file names)."""
+    import s3fs
+    from s3_server import moto_s3
+
+    a, b = two_sets
+    with moto_s3() as endpoint:
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).put(b + "/", "team-data/b/", recursive=True)
+        with pytest.raises(ValueError, match="s3://team-data/b: several sets in one stream are read from local"):
+            make_loader({a: 1, "s3://team-data/b": 1}, backend="pytorch", cache_dir=tmp_path / "cache", **kw())
