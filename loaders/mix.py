@@ -138,6 +138,7 @@ class SetMix:
     classes: list[dict]  # the joint class list
     label_table: np.ndarray  # int64: joint label = label_table[label_base[shard] + the set's label]
     label_base: np.ndarray  # int64 per joint shard
+    manifests: list[dict]  # each set's manifest.json (its splits' sizes, for the trainer's per-set val)
 
     @property
     def epoch_size(self) -> int:
@@ -164,7 +165,7 @@ def open_sets(
     """Open every set (same split of each), join their shards and class lists, size the epoch."""
     if not sets:
         raise ValueError("no sets given: a mapping {SPEC: weight} needs at least one")
-    shards, set_counts, class_lists, specs = [], [], [], []
+    shards, set_counts, class_lists, specs, manifests = [], [], [], [], []
     for spec, _ in sets:
         got, manifest = open_shards(spec, split=split)
         shown = ", ".join(redact_url(str(s)) for s in (spec if isinstance(spec, (list, tuple)) else [spec]))
@@ -176,6 +177,7 @@ def open_sets(
         shards += got
         set_counts.append([s.samples for s in got])
         class_lists.append(manifest["classes"])
+        manifests.append(manifest)
         specs.append(shown)
     sizes = [sum(c) for c in set_counts]
     weights = [float(sizes[k]) if w is None else float(w) for k, (_, w) in enumerate(sets)]
@@ -190,5 +192,6 @@ def open_sets(
         classes=classes,
         label_table=np.concatenate(remaps),
         label_base=label_base,
+        manifests=manifests,
     )
     return shards, mix

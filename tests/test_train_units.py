@@ -33,7 +33,7 @@ NON_DEFAULTS = {
     "deterministic": None, "seed": "9", "log_every": "7", "progress": "never", "overfit_batches": "3",
     "overfit_steps": "50", "cache_dir": "/tmp/shard-cache", "cache_limit": "20GB",
 }  # fmt: skip
-NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn"}  # each tested by its own checks
+NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "weights"}  # each tested by its own checks
 
 
 def test_every_config_field_has_a_flag_that_sets_it_and_help_shows_its_default():
