@@ -79,6 +79,9 @@ Other attributes: loader.batch_size, loader.num_samples (whole split), loader.ep
 loader.backend_name, loader.progress, loader.plan() (this rank's rows for the epoch, for debugging).
 batch_grid(images) draws a normalized batch back as pixels (python -m loaders.show, TensorBoard).
 manifest_folder(SPEC) is where SPEC's manifest.json is looked for (the trainer finds a val split there).
+Several sets in one stream: make_loader({SPEC_A: 3, SPEC_B: 1}, ...) or a list of set SPECs
+(folders; weights by size), epoch_size= to resize the epoch; loader.classes is the joint class
+list by class id, loader.mix the sets' plan (loaders/mix.py). Local sets only, for now.
 """
 
 from loaders.api import Loader, make_loader
