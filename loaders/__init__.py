@@ -35,6 +35,13 @@ Contract (the trainer can rely on every point):
     number of real samples this rank yields this epoch.
 - set_epoch(e) selects epoch e's order (deterministic in (seed, e), same on every backend).
   Call it before each epoch; without a call the loader repeats the current epoch.
+- set_image_size(px) changes the side of the images from the next iteration on (progressive
+  resizing: the trainer sets each epoch's, a function of the epoch alone, so it is no part of
+  state_dict()). The pytorch backend forks new workers on a change; the DALI train pipeline is
+  built per epoch anyway, and a kept eval pipeline of another size is dropped.
+- options=dict(auto_augment="randaugment"|"trivialaugment", random_erasing=P) (a field of both
+  backends' options) adds timm's augmentations to train=True (loaders/augment.py): torchvision
+  v2 on pytorch, nvidia.dali.auto_aug inside the graph on dali; drawn per sample like the crops.
 - state_dict() -> {"format", "version", "epoch", "batches", ...}: plain ints and lists, versioned
   (loaders/sharding.py; an unknown version fails with a clear message). load_state_dict(state)
   makes the next iteration start at exactly the next batch of that epoch (samples before it are

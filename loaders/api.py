@@ -26,6 +26,8 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def set_image_size(self, size: int) -> None: ...
+
 
 class Loader:
     """Batches of (images, labels) for one rank; see the package docstring for the contract."""
@@ -158,6 +160,13 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._done, self._cut = epoch, 0, sharding.Position()
+
+    def set_image_size(self, size: int) -> None:
+        """The side of the images from the next iteration on (progressive resizing: the trainer
+        sets each epoch's). A pure setting, not loader state: the caller derives it from the epoch."""
+        if size < 1:
+            raise ValueError(f"image size must be positive, not {size}")
+        self.backend.set_image_size(size)
 
     def state_dict(self) -> dict:
         """Where this loader stands (loaders/sharding.py's versioned format): plain ints and lists."""

@@ -60,7 +60,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from loaders import dali_crops, dali_plugin
+from loaders import augment, dali_augment, dali_crops, dali_plugin
 from loaders.buffers import BufferPool
 from loaders.cache import EpochReads
 from loaders.common import (
@@ -117,6 +117,8 @@ class DaliOptions:
     host_memory_padding: int | None = None
     preallocate_width_hint: int | None = None
     preallocate_height_hint: int | None = None
+    auto_augment: str = "none"  # train: none, randaugment or trivialaugment (loaders/augment.py)
+    random_erasing: float = 0.0  # train: probability of erasing a rectangle (loaders/augment.py)
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> DaliOptions:
@@ -231,6 +233,7 @@ def image_pipeline(
     crops=None,
     hints=None,
     source=None,
+    augment=None,
 ):
     jpegs, labels = read_samples(paths, index_paths, source)
     decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB)
@@ -258,6 +261,8 @@ def image_pipeline(
         images = fn.resize(
             images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR, antialias=opts.antialias
         )
+        if augment is not None:  # on the uint8 pixels, before normalization (loaders/dali_augment.py)
+            images = dali_augment.apply(images, augment)
     else:
         images = fn.decoders.image(jpegs, **decoder)
         images, crop_pos = eval_resize(jpegs, images, image_size)
@@ -394,8 +399,12 @@ class DaliBackend:
             self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", self.device_id)
         self.opts = DaliOptions.from_machine(self.device, spec.workers, spec.options)
-        if self.gpu or not self.train:
-            self.opts.fused_resize = False  # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize
+        augment.check(self.opts.auto_augment, self.opts.random_erasing)
+        self.augmenting = self.train and (self.opts.auto_augment != "none" or self.opts.random_erasing > 0)
+        if self.gpu or not self.train or self.augmenting:
+            # GPU: DALI's own kernels; eval: antialiased, PIL-exact resize; auto-augment and erasing
+            # work on the resized uint8 pixels, between the resize and the normalization
+            self.opts.fused_resize = False
         elif self.opts.fused_resize is None:
             self.opts.fused_resize = dali_plugin.load()
         elif self.opts.fused_resize and not dali_plugin.load():
@@ -412,6 +421,20 @@ class DaliBackend:
         # A remote set's hints wait for its first batch (gpu_decoder_hints): its shards may not be here yet.
         self.hints: dict | None = gpu_decoder_hints(self.shards, self.opts) if self.gpu and not self.remote else None
         self.builds: list[float] = []  # seconds each pipeline build took, from its sub-indexes to pipe.build()
+
+    def augment_params(self, plan: EpochPlan, epoch: int) -> dali_augment.AugmentParams | None:
+        if not self.augmenting:
+            return None
+        o = self.opts
+        return dali_augment.AugmentParams(
+            plan, self.spec.seed, epoch, o.auto_augment, o.random_erasing, self.spec.image_size
+        )
+
+    def set_image_size(self, size: int) -> None:
+        """A new output size. The train pipeline is built per epoch anyway (its sub-indexes are the
+        epoch's plan), so it just takes the size; a kept eval pipeline of another size goes."""
+        if size != self.spec.image_size:
+            self.spec.image_size, self._kept = size, None
 
     def write_subindexes(self, plan: EpochPlan, epoch: int) -> tuple[list[str], list[str]]:
         """One v1.2 index per run of same-shard rows, listing those samples in plan order."""
@@ -457,6 +480,8 @@ class DaliBackend:
             crops=dali_crops.CropParams(plan, self.spec.seed, epoch) if self.train else None,
             hints=self.hints,
             source=source,
+            augment=self.augment_params(plan, epoch),
+            enable_conditionals=self.augmenting,  # auto_aug's select splits the batch by operation
             batch_size=self.batch_size,
             num_threads=self.opts.num_threads,
             device_id=self.device_id if self.gpu else None,
@@ -509,7 +534,8 @@ class DaliBackend:
     def _start(self, plan: EpochPlan, epoch: int, source: CachedInput | None):
         """A built pipeline with its prefetch queue already filling (the first schedule_run queues
         prefetch_queue_depth batches)."""
-        pipe = self.build(plan, epoch, source)
+        with dali_augment.quiet():  # the graph is traced in there, auto_aug's suites included
+            pipe = self.build(plan, epoch, source)
         pipe.schedule_run()
         return pipe
 

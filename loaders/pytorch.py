@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop
 
+from loaders import augment
 from loaders.buffers import BufferPool
 from loaders.cache import EpochReads
 from loaders.common import EVAL_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, DecodeError, ReadSpec, apply_options
@@ -45,6 +46,8 @@ class TorchOptions:
     prefetch_factor: int = 4  # batches in flight per worker
     draft: bool = True  # reduced-scale JPEG decoding when the crop allows
     pin_memory: bool = False
+    auto_augment: str = "none"  # train: none, randaugment or trivialaugment (loaders/augment.py)
+    random_erasing: float = 0.0  # train: probability of erasing a rectangle (loaders/augment.py)
 
     @classmethod
     def from_machine(cls, device: torch.device, workers: int | None, options: dict) -> TorchOptions:
@@ -76,8 +79,10 @@ class ShardRows(Dataset):
         image_size: int,
         draft: bool,
         local: list[str] | None = None,
+        extra=None,
     ) -> None:
         self.urls, self.index_urls, self.local = urls, index_urls, local
+        self.extra = extra  # train: torchvision v2 auto-augment / erasing of uint8 3 x H x W, or None
         self.train, self.size, self.draft = train, image_size, draft
         self._files: dict[int, object] = {}  # per worker process: open shards (local sets)
 
@@ -146,6 +151,8 @@ class ShardRows(Dataset):
             out = self.resize(self.decode(data)[:, top : top + h, left : left + w], (self.size, self.size))
         if torch.rand(1).item() < 0.5:
             out = out.flip(1)
+        if self.extra is not None:  # drawn from the same per-sample generator as the crop
+            out = self.extra(out.permute(2, 0, 1)).permute(1, 2, 0)
         return out.contiguous()
 
     def draft_crop(self, im: Image.Image, crop: tuple[int, int, int, int], k: float) -> torch.Tensor:
@@ -233,6 +240,7 @@ class TorchBackend:
     def __init__(self, spec: ReadSpec) -> None:
         self.spec, self.shards, self.batch_size, self.device = spec, spec.shards, spec.batch_size, spec.device
         self.opts = TorchOptions.from_machine(self.device, spec.workers, spec.options)
+        augment.check(self.opts.auto_augment, self.opts.random_erasing)
         local = [spec.cache.local_path(s) for s in range(len(self.shards))] if spec.cache else None
         self.dataset = ShardRows(
             [s.url for s in self.shards],
@@ -241,6 +249,7 @@ class TorchBackend:
             spec.image_size,
             self.opts.draft,
             local,
+            augment.torchvision_transform(self.opts.auto_augment, self.opts.random_erasing) if spec.train else None,
         )
         self.sampler = PlanBatches()
         self.pool = BufferPool()
@@ -284,6 +293,13 @@ class TorchBackend:
         finally:
             if reads is not None:
                 reads.close()
+
+    def set_image_size(self, size: int) -> None:
+        """A new output size: the persistent workers hold a copy of the dataset, so they are
+        stopped and the next epoch forks new ones (once per size change, not per epoch)."""
+        if size != self.dataset.size:
+            self.close()
+            self.dataset.size = size
 
     def close(self) -> None:
         """Stop the persistent workers now, rather than leave them to the garbage collector (which,

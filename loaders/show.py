@@ -15,6 +15,7 @@ import sys
 import torch
 
 from loaders.api import Loader, make_loader
+from loaders.augment import AUTO_AUGMENT
 from loaders.common import DecodeError
 from loaders.pixels import batch_grid
 from shards.redact import redact_text
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="order and augmentation seed, as the trainer's --seed (default: 0)"
     )
     p.add_argument("--workers", type=int, default=1, metavar="N", help="loader workers (default: 1)")
+    p.add_argument(
+        "--auto-augment",
+        choices=list(AUTO_AUGMENT),
+        default="none",
+        help="with --train: RandAugment or TrivialAugment, as the trainer's --auto-augment (default: none)",
+    )
+    p.add_argument(
+        "--random-erasing",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="with --train: probability of an erased rectangle, as the trainer's --random-erasing (default: 0)",
+    )
     p.add_argument("--columns", type=int, default=8, metavar="N", help="cells per grid row (default: 8)")
     p.add_argument(
         "--cell",
@@ -87,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1 or args.columns < 1:
         print("error: --count and --columns must be at least 1", file=sys.stderr)
         return 2
+    if not args.train and (args.auto_augment != "none" or args.random_erasing > 0):
+        print("error: --auto-augment and --random-erasing are training augmentations: add --train", file=sys.stderr)
+        return 2
     spec = args.spec if len(args.spec) > 1 else args.spec[0]
     try:
         loader = make_loader(
@@ -98,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             image_size=args.image_size,
             split=args.split,
+            options=dict(auto_augment=args.auto_augment, random_erasing=args.random_erasing) if args.train else None,
         )
         images, labels, valid, keys = first_batch(loader)
     except (ValueError, OSError, ImportError, DecodeError) as e:

@@ -32,8 +32,10 @@ NON_DEFAULTS = {
     "preset": "cifar10-resnet18", "output": "runs/x", "no_auto_resume": None, "checkpoint_minutes": "3",
     "deterministic": None, "seed": "9", "log_every": "7", "progress": "never", "overfit_batches": "3",
     "overfit_steps": "50", "cache_dir": "/tmp/shard-cache", "cache_limit": "20GB",
+    "eval_image_size": "64", "tta": "flip", "auto_augment": "randaugment", "random_erasing": "0.25",
 }  # fmt: skip
-NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "weights"}  # each tested by its own checks
+# each tested by its own checks (the ramp's two flags in tests/test_resolution.py: they go together)
+NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "min_image_size", "ramp_epochs", "weights"}
 
 
 def test_every_config_field_has_a_flag_that_sets_it_and_help_shows_its_default():

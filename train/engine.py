@@ -270,7 +270,9 @@ class Trainer:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", channels_last: bool = False) -> dict:
+def evaluate(
+    model: nn.Module, loader, dist: Dist, amp: str = "none", channels_last: bool = False, tta: str = "none"
+) -> dict:
     """Top-1 / top-5 (percent) and mean loss over the real samples of every rank, exactly.
 
     Per-rank sums of correct predictions, losses and sample counts (padding rows left out
@@ -286,8 +288,9 @@ def evaluate(model: nn.Module, loader, dist: Dist, amp: str = "none", channels_l
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(amp, dist.device):
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(3)).float()) / 2
         loss = nn.functional.cross_entropy(logits, labels, reduction="none")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top == labels[:, None]

@@ -2,7 +2,8 @@
 
 OUTPUT/metrics.jsonl  one JSON line per finished epoch: epoch, train_loss, val_top1, val_top5
                       (percent), val_loss, lr, images_per_sec, data_wait (fraction of step time
-                      spent waiting for the loader), epoch_seconds [, val_top1_ema, val_top5_ema]
+                      spent waiting for the loader), epoch_seconds, image_size (the epoch's
+                      training size: progressive resizing) [, val_top1_ema, val_top5_ema]
 OUTPUT/summary.json   at the end: best_val_top1, final_val_top1, final_val_top5, epochs, seconds
 OUTPUT/tb/            TensorBoard: step and epoch scalars, hparams, and train/first_batch, a
                       grid of the first augmented batch turned back into pixels

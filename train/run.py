@@ -27,6 +27,7 @@ from train.models import CollapseError, build_model, check_collapse, check_deter
 from train.overfit import TooFewBatches, run_overfit
 from train.recipe import ModelEma, Recipe, make_loss, make_recipe
 from train.report import Reporter
+from train.resolution import schedule
 
 
 class SetupError(RuntimeError):
@@ -75,6 +76,8 @@ def close_loaders() -> None:
 def _loader(
     cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: int, split: str | None, epoch_size=None
 ):
+    # validation at --eval-image-size; training starts at the first epoch's size (train_one_epoch sets each)
+    size = cfg.image_size if train else cfg.eval_image_size or cfg.image_size
     try:
         loader = make_loader(
             spec,
@@ -87,11 +90,12 @@ def _loader(
             world_size=d.world_size,
             seed=cfg.seed,
             workers=cfg.workers,
-            image_size=cfg.image_size,
+            image_size=size,
             channels_last=cfg.channels_last,
             cache_dir=cfg.cache_dir,
             cache_limit=cfg.cache_limit,
             epoch_size=epoch_size,
+            options=dict(auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing) if train else None,
         )
     except (ValueError, OSError, ImportError, CacheError) as e:
         which = "training" if train else "validation"
@@ -190,7 +194,7 @@ def make_model(cfg: Config, d: distributed.Dist, num_classes: int) -> nn.Module:
             image_size=cfg.image_size,
             zero_init_residual=cfg.zero_init_residual,
         )
-        check_collapse(model, cfg.image_size, cfg.arch)
+        check_collapse(model, cfg.min_image_size or cfg.image_size, cfg.arch)  # the smallest it will see
     except CollapseError as e:
         raise SetupError(str(e)) from None
     except (TypeError, ValueError) as e:
@@ -297,6 +301,8 @@ def train_one_epoch(
 ) -> dict:
     """Train to the end of state.epoch; its metrics line (validation fields still empty)."""
     epoch = state.epoch
+    size = schedule(cfg.image_size, cfg.min_image_size, cfg.ramp_epochs)(epoch)  # of the epoch alone: resumes agree
+    loader.set_image_size(size)
     loader.set_epoch(epoch)  # keeps a resumed position within this epoch
     reporter.start_epoch(epoch, len(loader), state.batches)
     trainer.train_epoch(
@@ -320,6 +326,7 @@ def train_one_epoch(
         "images_per_sec": seen / max(seconds / d.world_size, 1e-9),
         "data_wait": wait / max(seconds, 1e-9),
         "epoch_seconds": seconds / d.world_size,
+        "image_size": size,
     }
 
 
@@ -334,14 +341,14 @@ def validate(
         distributed.average_buffers(ema.module, d)
     if not val_loaders:
         return {}
-    per = {name: evaluate(eval_model, ld, d, amp, cfg.channels_last) for name, ld in val_loaders}
+    per = {name: evaluate(eval_model, ld, d, amp, cfg.channels_last, cfg.tta) for name, ld in val_loaders}
     out = {f"val_{k}": _pooled(per.values(), k) for k in ("top1", "top5", "loss")}
     if len(per) > 1:
         out["val_sets"] = {
             name: {"top1": v["top1"], "top5": v["top5"], "samples": v["samples"]} for name, v in per.items()
         }
     if ema is not None:
-        per = [evaluate(ema.module, ld, d, amp, cfg.channels_last) for _, ld in val_loaders]
+        per = [evaluate(ema.module, ld, d, amp, cfg.channels_last, cfg.tta) for _, ld in val_loaders]
         out.update(val_top1_ema=_pooled(per, "top1"), val_top5_ema=_pooled(per, "top5"))
     return out
 
@@ -523,11 +530,14 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
 def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     set_kernel_flags(cfg.deterministic)  # as training: cudnn autotuning and TF32 unless --deterministic
     try:
-        ck = ckpt_io.saved(ckpt_io.load(cfg.evaluate))
+        raw = ckpt_io.load(cfg.evaluate)
+        ck = ckpt_io.saved(raw)
     except ValueError as e:
         raise SetupError(str(e)) from None
     # The model and its input size come from the checkpoint: it fixes what the weights mean.
     cfg.image_size = ck.image_size or cfg.image_size
+    # evaluated at --eval-image-size when given, else at the size the run validated at
+    cfg.eval_image_size = cfg.eval_image_size or raw.get("config", {}).get("eval_image_size") or cfg.image_size
     cfg.arch, cfg.stem = ck.arch or cfg.arch, ck.stem or cfg.stem
     cfg.zero_init_residual = ck.zero_init_residual
     _, val_loaders, _ = make_loaders(cfg, d, cfg.batch_size)
@@ -538,10 +548,12 @@ def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     model = make_model(cfg, d, num_classes)
     model.load_state_dict(ck.model)
     amp = resolve_amp(cfg.amp, d.device)
-    result = {"checkpoint": cfg.evaluate, **{f"val_{k}": v for k, v in evaluate(model, val_loader, d, amp).items()}}
+    ev = evaluate(model, val_loader, d, amp, tta=cfg.tta)
+    result = {"checkpoint": cfg.evaluate, "image_size": cfg.eval_image_size, "tta": cfg.tta}
+    result.update({f"val_{k}": v for k, v in ev.items()})
     if ck.ema is not None:
         model.load_state_dict(ck.ema)
-        ev = evaluate(model, val_loader, d, amp)
+        ev = evaluate(model, val_loader, d, amp, tta=cfg.tta)
         result.update(val_top1_ema=ev["top1"], val_top5_ema=ev["top5"])
     if d.is_main:
         import json
