@@ -158,7 +158,7 @@ class BuildParams:
     )
     val_fraction: float | None = _opt(
         "imagefolder without train/ and val/ subfolders: hold out this fraction (0..1) per class as val, "
-        "chosen with --seed.",
+        "chosen with --seed; 0 means no val split.",
         metavar="F",
         type=float,
     )
@@ -244,8 +244,8 @@ class BuildParams:
                 raise ParamError(str(e)) from None
         if self.allow_empty_classes and self.dataset != "imagefolder":
             raise ParamError("--allow-empty-classes applies to --dataset imagefolder only")
-        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
-            raise ParamError(f"--val-fraction {self.val_fraction}: must be between 0 and 1")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise ParamError(f"--val-fraction {self.val_fraction}: must be at least 0 (no val split) and below 1")
         for name in ("train_per_class", "val_per_class", "demo_size"):
             if getattr(self, name) is not None and self.dataset != "demo":
                 raise ParamError(f"--{name.replace('_', '-')} applies to --dataset demo only")

@@ -85,12 +85,17 @@ loaders/dali.py, TorchOptions in loaders/pytorch.py); defaults come from the mac
 Other attributes: loader.batch_size, loader.num_samples (whole split), loader.epoch,
 loader.backend_name, loader.progress, loader.plan() (this rank's rows for the epoch, for debugging).
 batch_grid(images) draws a normalized batch back as pixels (python -m loaders.show, TensorBoard).
+manifest_folder(SPEC) is where SPEC's manifest.json is looked for (the trainer finds a val split there).
+Several sets in one stream: make_loader({SPEC_A: 3, SPEC_B: 1}, ...) or a list of set SPECs
+(folders; weights by size), epoch_size= to resize the epoch; loader.classes is the joint class
+list by class id, loader.mix the sets' plan (loaders/mix.py). Local sets only, for now.
 """
 
 from loaders.api import Loader, make_loader
 from loaders.cache import CacheError
 from loaders.common import DTYPES, IMAGENET_MEAN, IMAGENET_STD, DecodeError
 from loaders.pixels import batch_grid
+from shards.manifest import manifest_folder
 from shards.redact import redact_text, redact_url, redact_values
 
 __all__ = [
@@ -102,6 +107,7 @@ __all__ = [
     "Loader",
     "batch_grid",
     "make_loader",
+    "manifest_folder",
     "redact_text",
     "redact_url",
     "redact_values",

@@ -12,6 +12,7 @@ import torch
 from loaders import sharding
 from loaders.cache import NodePlan, Remote, ShardCache, default_folder, local_ranks
 from loaders.common import DTYPES, ReadSpec
+from loaders.mix import SetMix, as_sets, open_sets
 from loaders.sharding import EpochPlan, num_batches, plan_epoch
 from loaders.spec import Shard, is_url, open_shards
 
@@ -45,12 +46,16 @@ class Loader:
         world_size: int,
         seed: int,
         drop_last: bool,
+        mix: SetMix | None = None,
     ) -> None:
         self.shards, self.manifest, self.backend, self.cache = shards, manifest, backend, cache
+        self.mix = mix  # several sets in one stream: their joint order and labels (loaders/mix.py)
+        self._order = mix.order if mix is not None else None
         self.batch_size, self.train, self.device = batch_size, train, device
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.counts = [s.samples for s in shards]
-        self.num_samples = sum(self.counts)  # in the whole split, all ranks together
+        # in the whole split (a mix: its epoch), all ranks together
+        self.num_samples = mix.epoch_size if mix is not None else sum(self.counts)
         self._len = num_batches(self.num_samples, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
         if self._len == 0:
             plan_epoch(
@@ -61,6 +66,7 @@ class Loader:
                 seed=seed,
                 epoch=0,
                 drop_last=drop_last,
+                order=self._order,
             )  # raises the explanatory error
         self.epoch = 0
         self._done = 0  # batches of self.epoch yielded (or skipped by a resume)
@@ -69,11 +75,13 @@ class Loader:
     # -- what the trainer reads -------------------------------------------------------------
     @property
     def classes(self) -> list[dict] | None:
+        if self.mix is not None:
+            return self.mix.classes
         return self.manifest["classes"] if self.manifest else None
 
     @property
     def num_classes(self) -> int | None:
-        return len(self.manifest["classes"]) if self.manifest else None
+        return len(self.classes) if self.classes else None
 
     @property
     def backend_name(self) -> str:
@@ -99,6 +107,7 @@ class Loader:
                 world_size=self.world_size,
                 seed=self.seed,
                 epoch=self.epoch,
+                order=self._order,
             )
         return plan_epoch(
             self.counts,
@@ -108,6 +117,7 @@ class Loader:
             seed=self.seed,
             epoch=self.epoch if epoch is None else epoch,
             drop_last=self.drop_last,
+            order=self._order,
         )
 
     def _rank_plan(self, rank: int, epoch: int) -> EpochPlan:
@@ -121,6 +131,7 @@ class Loader:
                 world_size=self.world_size,
                 seed=self.seed,
                 epoch=epoch,
+                order=self._order,
             )
         return plan_epoch(
             self.counts,
@@ -130,6 +141,7 @@ class Loader:
             seed=self.seed,
             epoch=epoch,
             drop_last=self.drop_last,
+            order=self._order,
         )
 
     def _node_plan(self, batch: int) -> NodePlan:
@@ -217,7 +229,10 @@ class Loader:
         start = self._done
         for b, (images, labels) in enumerate(self.backend.batches(plan, self.epoch)):
             self._done = start + b + 1
-            mask = valid[b * self.batch_size : (b + 1) * self.batch_size].to(self.device, non_blocking=True)
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            if self.mix is not None:  # each set's labels -> the joint class list, the same for both backends
+                labels = self.mix.joint_labels(labels, plan.shard[rows])
+            mask = valid[rows].to(self.device, non_blocking=True)
             yield images, labels, mask
         if self._done >= len(self):
             # a finished epoch: iterating again (no set_epoch) repeats it, as a normal epoch
@@ -268,6 +283,7 @@ def make_loader(
     options: dict | None = None,
     cache_dir: str | os.PathLike | None = None,
     cache_limit: int | str | None = None,
+    epoch_size: int | None = None,
 ) -> Loader:
     """Build a Loader over SPEC `shards` (brace pattern, list, folder with manifest.json, s3:// URLs).
 
@@ -285,6 +301,9 @@ def make_loader(
     URL>, $SHARDLINE_CACHE_DIR replacing ~/.cache/shardline; default limit 80% of that disk's free space).
     One folder serves the node: the ranks sharing it are LOCAL_WORLD_SIZE consecutive ranks (as
     torchrun sets it), else all world_size ranks; their plans decide prefetch and eviction.
+    Several sets in one stream: `shards` a mapping {SPEC: weight} or a list of set SPECs (folders;
+    weights by size); epoch_size: samples an epoch (default: all the sets hold), each set giving
+    its weight's share (loaders/mix.py).
     """
     dev = torch.device(device)
     if isinstance(dtype, str):
@@ -298,7 +317,15 @@ def make_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
     split = split or ("train" if train else "val")
-    shard_list, manifest = open_shards(shards, split=split)
+    sets = as_sets(shards)
+    if sets is None and epoch_size is not None:
+        sets = [(shards, 1.0)]  # one set, its epoch resized: a mix of one
+    mix = None
+    if sets is None:
+        shard_list, manifest = open_shards(shards, split=split)
+    else:
+        shard_list, mix = open_sets(sets, split=split, seed=seed, epoch_size=epoch_size)
+        manifest = None
     drop_last = train if drop_last is None else drop_last
     name = _pick_backend(backend)
     ranks = local_ranks(rank, world_size)
@@ -344,6 +371,7 @@ def make_loader(
         world_size=world_size,
         seed=seed,
         drop_last=drop_last,
+        mix=mix,
     )
 
 

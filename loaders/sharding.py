@@ -21,9 +21,14 @@ here is pure: the loaders (and the tests) call them with plain numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+# epoch -> (shard numbers, sample numbers): an epoch's global order other than global_order's
+# (several sets in one stream: loaders/mix.py). Its length is the epoch's sample count.
+Order = Callable[[int], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -74,19 +79,31 @@ def rank_span(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+def epoch_order(counts: list[int], seed: int, epoch: int, order: Order | None) -> tuple[np.ndarray, np.ndarray]:
+    return global_order(counts, seed, epoch) if order is None else order(epoch)
+
+
 def plan_epoch(
-    counts: list[int], *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool
+    counts: list[int],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    drop_last: bool,
+    order: Order | None = None,
 ) -> EpochPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    total = sum(counts)
+    shard, sample = epoch_order(counts, seed, epoch, order)
+    total = len(shard)
     batches = num_batches(total, batch_size=batch_size, world_size=world_size, drop_last=drop_last)
     if batches == 0:
         raise ValueError(
             f"{total} samples give no full batch of {batch_size} on each of {world_size} ranks with drop_last=True; "
             "use a smaller batch or drop_last=False"
         )
-    shard, sample = global_order(counts, seed, epoch)
     start, stop = rank_span(total, rank, world_size)
     rows = batches * batch_size
     if drop_last:
@@ -167,7 +184,15 @@ def unread(
 
 
 def plan_rest(
-    counts: list[int], segments: Segments, *, batch_size: int, rank: int, world_size: int, seed: int, epoch: int
+    counts: list[int],
+    segments: Segments,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    order: Order | None = None,
 ) -> EpochPlan:
     """This rank's rows for the rest of an epoch: its near-equal contiguous part of `segments`.
 
@@ -177,12 +202,12 @@ def plan_rest(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-    order = _positions(segments)
-    batches = rest_batches(len(order), batch_size=batch_size, world_size=world_size)
+    positions = _positions(segments)
+    batches = rest_batches(len(positions), batch_size=batch_size, world_size=world_size)
     rows = batches * batch_size
-    shard, sample = global_order(counts, seed, epoch)
-    start, stop = rank_span(len(order), rank, world_size)
-    part = order[start:stop] if stop > start else order
+    shard, sample = epoch_order(counts, seed, epoch, order)
+    start, stop = rank_span(len(positions), rank, world_size)
+    part = positions[start:stop] if stop > start else positions
     pick = np.resize(part, rows) if rows else part[:0]
     valid = np.zeros(rows, bool)
     valid[: stop - start] = True

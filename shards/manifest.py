@@ -122,11 +122,9 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
     if not urls:
         raise ManifestError("no shards given")
     # Look for a manifest beside the first shard, for counts; shards may be a subset.
-    first, query = _path_of(urls[0]), urls[0][len(_path_of(urls[0])) :]
-    parent = first.rsplit("/", 1)[0] + query if "/" in first else "."
     manifest, by_name = None, {}
     try:
-        manifest = read_manifest(parent)
+        manifest = read_manifest(folder_beside(urls[0]))
         for sp in manifest["splits"].values():
             for s in sp["shards"]:
                 by_name[s["name"]] = s
@@ -142,6 +140,21 @@ def resolve_spec(spec: str | os.PathLike | list, split: str = "train") -> tuple[
         rec = by_name.get(name)
         refs.append(ShardRef(u, idx, rec["samples"] if rec else None))
     return refs, manifest
+
+
+def manifest_folder(spec: str | os.PathLike | list) -> str:
+    """Where resolve_spec looks for SPEC's manifest.json: the folder SPEC names, or the one
+    holding its first shard (a shard list or brace pattern may be a subset of a built set)."""
+    specs = [str(s) for s in spec] if isinstance(spec, (list, tuple)) else [str(spec)]
+    if len(specs) == 1 and not _path_of(specs[0]).endswith(".tar") and "{" not in specs[0]:
+        return specs[0]
+    return folder_beside(next(iter(braceexpand(specs[0]))))
+
+
+def folder_beside(shard_url: str) -> str:
+    """The folder (or URL, its query kept) holding a shard: where its set's manifest.json lies."""
+    path, query = _path_of(shard_url), shard_url[len(_path_of(shard_url)) :]
+    return path.rsplit("/", 1)[0] + query if "/" in path else "."
 
 
 def _path_of(url: str) -> str:

@@ -393,6 +393,12 @@ def test_bad_shard_sizes_are_refused(text):
         shard_size_bytes(text)
 
 
+def test_val_fraction_zero_means_no_val_split_and_one_is_refused(tmp_path):
+    BuildParams(dataset="imagefolder", source=str(tmp_path), output="x", val_fraction=0).check()
+    with pytest.raises(ParamError, match=r"--val-fraction 1\.0: must be at least 0"):
+        BuildParams(dataset="imagefolder", source=str(tmp_path), output="x", val_fraction=1.0).check()
+
+
 def test_params_record_what_changes_the_bytes():
     """Source options that change the images go to manifest params; check-only ones do not."""
     p = BuildParams(dataset="demo", output="x", **{k: v for k, v in DEMO.items() if k != "dataset"}).check()

@@ -97,6 +97,7 @@ def test_single_tree_with_seeded_val_fraction(tmp_path):
     assert _by_source(ImageFolderSource(str(tmp_path), val_fraction=0.3, seed=5), "val") == val
     assert _by_source(ImageFolderSource(str(tmp_path), val_fraction=0.3, seed=6), "val") != val
     assert ImageFolderSource(str(tmp_path)).splits() == ["train"]  # no fraction: one split
+    assert ImageFolderSource(str(tmp_path), val_fraction=0).splits() == ["train"]  # 0: no val split either
 
 
 def _bad_tree(root: Path, outside: Path) -> None:
@@ -191,7 +192,7 @@ def test_build_reads_back_and_is_byte_identical(tmp_path):
             "val classes not in train: zz",
         ),
         (lambda r: (_tree(r / "train", {"a": 1}), _tree(r / "val", {"a": 1})), {"val_fraction": 0.2}, "single tree"),
-        (lambda r: _tree(r, {"a": 1}), {"val_fraction": 1.0}, "between 0 and 1"),
+        (lambda r: _tree(r, {"a": 1}), {"val_fraction": 1.0}, "below 1"),
     ],
     ids=["missing", "file", "empty", "empty-train", "no-images", "val-class", "fraction-with-val", "bad-fraction"],
 )

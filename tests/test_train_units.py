@@ -35,7 +35,7 @@ NON_DEFAULTS = {
     "eval_image_size": "64", "tta": "flip", "auto_augment": "randaugment", "random_erasing": "0.25",
 }  # fmt: skip
 # each tested by its own checks (the ramp's two flags in tests/test_resolution.py: they go together)
-NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "min_image_size", "ramp_epochs"}
+NOT_COMBINABLE = {"data", "shards", "resume", "evaluate", "sync_bn", "min_image_size", "ramp_epochs", "weights"}
 
 
 def test_every_config_field_has_a_flag_that_sets_it_and_help_shows_its_default():

@@ -125,10 +125,18 @@ class Config:
     """Every option of `python -m train`, in --help's order."""
 
     # data
-    data: str | None = _opt(
-        "folder (or URL) holding manifest.json: train and val splits and the classes come from it",
+    data: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
+        "folder (or URL) holding manifest.json: train and val splits and the classes come from it; "
+        "repeat it for several sets in one stream (one joint class list, by class id; see --weights)",
         None,
         metavar="DIR",
+        action="append",
+    )
+    weights: str | None = _opt(
+        "with several --data: each set's share of an epoch, in --data's order (e.g. 3,1); "
+        "without it, each set gives as many samples as it holds",
+        None,
+        metavar="W,W",
     )
     shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
         "training shards: a brace pattern (quoted), several paths, a folder with manifest.json, or s3:// URLs",
@@ -137,7 +145,7 @@ class Config:
         nargs="+",
     )
     val_shards: list[str] | None = _opt(  # noqa: RUF009 (_opt returns a dataclasses.field)
-        "validation shards, as --shards; without them (and without --data) no validation is run",
+        "validation shards, as --shards; without them, the val split of the manifest beside --shards (when it has one)",
         None,
         metavar="SPEC",
         nargs="+",
@@ -498,6 +506,7 @@ def _check_data(cfg: Config) -> None:
             raise ConfigError("--evaluate needs validation data: --data DIR or --val-shards SPEC")
         if cfg.shards:
             raise ConfigError("--evaluate takes --data or --val-shards, not --shards (training shards)")
+        _check_weights(cfg)
         return
     if cfg.data and cfg.shards:
         raise ConfigError("give either --data DIR or --shards SPEC, not both")
@@ -505,7 +514,30 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError("no training data: give --data DIR (with manifest.json) or --shards SPEC")
     if cfg.data and cfg.val_shards:
         raise ConfigError("--val-shards goes with --shards; with --data the val split of the manifest is used")
+    _check_weights(cfg)
     check_arch(cfg.arch)
+
+
+def set_weights(cfg: Config) -> list[float] | None:
+    """--weights as numbers, one per --data set; None when not given."""
+    if cfg.weights is None:
+        return None
+    try:
+        weights = [float(w) for w in cfg.weights.split(",")]
+    except ValueError:
+        raise ConfigError(f"--weights {cfg.weights}: expected numbers separated by commas, e.g. 3,1") from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--weights {cfg.weights}: weights are >= 0 with a positive sum")
+    return weights
+
+
+def _check_weights(cfg: Config) -> None:
+    sets = len(cfg.data or [])
+    if cfg.evaluate and sets > 1:
+        raise ConfigError("--evaluate takes one --data set")
+    weights = set_weights(cfg)
+    if weights is not None and len(weights) != sets:
+        raise ConfigError(f"--weights gives {len(weights)} weights for {sets} --data set(s): one per --data")
 
 
 def _check_numbers(cfg: Config) -> None:

@@ -18,10 +18,10 @@ import time
 import torch
 from torch import nn
 
-from loaders import CacheError, DecodeError, make_loader, redact_text
+from loaders import CacheError, DecodeError, make_loader, manifest_folder, redact_text, redact_url
 from train import checkpoint as ckpt_io
 from train import distributed, elastic
-from train.config import Config, ConfigError, parse
+from train.config import Config, ConfigError, parse, set_weights
 from train.engine import EpochState, NonFiniteLoss, Trainer, epoch_totals, evaluate, resolve_amp
 from train.models import CollapseError, build_model, check_collapse, check_deterministic, uses_small_stem
 from train.overfit import TooFewBatches, run_overfit
@@ -73,7 +73,9 @@ def close_loaders() -> None:
     gc.collect()  # a pipeline held in a reference cycle goes now, not at teardown
 
 
-def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: int, split: str | None):
+def _loader(
+    cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: int, split: str | None, epoch_size=None
+):
     # validation at --eval-image-size; training starts at the first epoch's size (train_one_epoch sets each)
     size = cfg.image_size if train else cfg.eval_image_size or cfg.image_size
     try:
@@ -92,6 +94,7 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
             channels_last=cfg.channels_last,
             cache_dir=cfg.cache_dir,
             cache_limit=cfg.cache_limit,
+            epoch_size=epoch_size,
             options=dict(auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing) if train else None,
         )
     except (ValueError, OSError, ImportError, CacheError) as e:
@@ -101,24 +104,73 @@ def _loader(cfg: Config, d: distributed.Dist, spec, *, train: bool, batch_size: 
     return loader
 
 
+def data_spec(cfg: Config):
+    """--data as make_loader takes it: one folder, or several sets ({folder: weight}, or by size)."""
+    if len(cfg.data) == 1:
+        return cfg.data[0]
+    weights = set_weights(cfg)
+    return dict(zip(cfg.data, weights, strict=True)) if weights else list(cfg.data)
+
+
 def make_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
+    """(train loader, [(set name, val loader)], where val comes from, in words for the start line)."""
+    if cfg.data and len(cfg.data) > 1 and not cfg.evaluate:
+        return mixed_loaders(cfg, d, micro_batch)
     if cfg.data:
-        train_spec, val_spec = cfg.data, cfg.data
+        train_spec, val_spec, val_split = cfg.data[0], cfg.data[0], "val"
     else:
-        train_spec, val_spec = (cfg.shards if cfg.shards and len(cfg.shards) > 1 else (cfg.shards or [None])[0]), None
-        if cfg.val_shards:
-            val_spec = cfg.val_shards if len(cfg.val_shards) > 1 else cfg.val_shards[0]
+        train_spec, val_split = (cfg.shards if cfg.shards and len(cfg.shards) > 1 else (cfg.shards or [None])[0]), None
+        val_spec = (cfg.val_shards if len(cfg.val_shards) > 1 else cfg.val_shards[0]) if cfg.val_shards else None
     train_loader = None
     if not cfg.evaluate:
         train_loader = _loader(
             cfg, d, train_spec, train=True, batch_size=micro_batch, split="train" if cfg.data else None
         )
-    val_loader = None
-    if val_spec is not None:
-        val_loader = _loader(
-            cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split="val" if cfg.data else None
-        )
-    return train_loader, val_loader
+    origin = "from --val-shards" if cfg.val_shards else "from the manifest's val split"
+    if train_loader is not None and not cfg.val_shards:
+        # The design's own command names only --shards: a val split beside them is used, and said so.
+        val_spec, val_split = _val_beside(train_loader, train_spec), "val"
+        origin = origin if cfg.data else "from the manifest beside the shards; --val-shards to choose"
+    if val_spec is None:
+        return train_loader, [], _no_val_reason(cfg)
+    val_loader = _loader(cfg, d, val_spec, train=False, batch_size=cfg.batch_size, split=val_split)
+    return train_loader, [("val", val_loader)], origin
+
+
+def mixed_loaders(cfg: Config, d: distributed.Dist, micro_batch: int):
+    """Several --data sets: one training stream, and each set's val split on its own (in the joint labels)."""
+    train_loader = _loader(cfg, d, data_spec(cfg), train=True, batch_size=micro_batch, split="train")
+    sizes = [((m.get("splits") or {}).get("val") or {}).get("samples", 0) for m in train_loader.mix.manifests]
+    if not all(sizes):
+        return train_loader, [], "not every --data set has a val split"
+    vals = []
+    for k, folder in enumerate(cfg.data):
+        # Every set named (the same joint class list), only set k read: each of its val samples once.
+        only_k = {f: float(j == k) for j, f in enumerate(cfg.data)}
+        loader = _loader(cfg, d, only_k, train=False, batch_size=cfg.batch_size, split="val", epoch_size=sizes[k])
+        vals.append((redact_url(folder), loader))
+    return train_loader, vals, "from each --data set's val split"
+
+
+def _val_beside(train_loader, train_spec) -> str | None:
+    """The folder of the training data's manifest when it lists a val split with samples in it."""
+    split = ((train_loader.manifest or {}).get("splits") or {}).get("val")
+    if not split or not split.get("samples"):
+        return None
+    return manifest_folder(train_spec)
+
+
+def _no_val_reason(cfg: Config) -> str:
+    if cfg.data:
+        return "the manifest has no val split"
+    return "no --val-shards, and no manifest with a val split beside the shards"
+
+
+def val_line(val_loaders: list, origin: str) -> str:
+    """The start line's word on validation: how many samples and from where, or that there is none."""
+    if not val_loaders:
+        return f"no validation: {origin}"
+    return f"val: {sum(ld.num_samples for _, ld in val_loaders):,} samples {origin}"
 
 
 def num_classes_of(cfg: Config, *loaders) -> tuple[int, list | None]:
@@ -278,25 +330,44 @@ def train_one_epoch(
     }
 
 
-def validate(eval_model: nn.Module, raw: nn.Module, ema: ModelEma | None, val_loader, d, amp: str, cfg: Config) -> dict:
-    """One set of BN statistics on every rank, then the exact evaluation of the model (and its EMA)."""
+def validate(
+    eval_model: nn.Module, raw: nn.Module, ema: ModelEma | None, val_loaders, d, amp: str, cfg: Config
+) -> dict:
+    """One set of BN statistics on every rank, then the exact evaluation of the model (and its EMA).
+
+    Several val sets: each evaluated on its own (val_sets), the val_* fields over all their samples."""
     distributed.average_buffers(raw, d)  # what every rank evaluates and saves
     if ema is not None:
         distributed.average_buffers(ema.module, d)
-    if val_loader is None:
+    if not val_loaders:
         return {}
-    v = evaluate(eval_model, val_loader, d, amp, cfg.channels_last, cfg.tta)
-    out = {"val_top1": v["top1"], "val_top5": v["top5"], "val_loss": v["loss"]}
+    per = {name: evaluate(eval_model, ld, d, amp, cfg.channels_last, cfg.tta) for name, ld in val_loaders}
+    out = {f"val_{k}": _pooled(per.values(), k) for k in ("top1", "top5", "loss")}
+    if len(per) > 1:
+        out["val_sets"] = {
+            name: {"top1": v["top1"], "top5": v["top5"], "samples": v["samples"]} for name, v in per.items()
+        }
     if ema is not None:
-        v = evaluate(ema.module, val_loader, d, amp, cfg.channels_last, cfg.tta)
-        out.update(val_top1_ema=v["top1"], val_top5_ema=v["top5"])
+        per = [evaluate(ema.module, ld, d, amp, cfg.channels_last, cfg.tta) for _, ld in val_loaders]
+        out.update(val_top1_ema=_pooled(per, "top1"), val_top5_ema=_pooled(per, "top5"))
     return out
+
+
+def _pooled(results, key: str) -> float:
+    """A metric over every sample of several evaluations: their sample-weighted mean."""
+    results = list(results)
+    return sum(r[key] * r["samples"] for r in results) / max(sum(r["samples"] for r in results), 1)
 
 
 def report_epoch(reporter: Reporter, line: dict) -> None:
     reporter.append_metrics(line)
-    reporter.scalars({k: v for k, v in line.items() if k != "epoch" and v is not None}, line["epoch"], "epoch")
+    scalars = {k: v for k, v in line.items() if k != "epoch" and isinstance(v, (int, float))}
+    for k, v in enumerate(line.get("val_sets", {}).values()):
+        scalars[f"val_top1_set{k}"] = v["top1"]  # TensorBoard tags: no folder names (they may be URLs)
+    reporter.scalars(scalars, line["epoch"], "epoch")
     val = f", val top-1 {line['val_top1']:.2f}%, top-5 {line['val_top5']:.2f}%" if line["val_top1"] is not None else ""
+    if "val_sets" in line:
+        val += " (" + ", ".join(f"{n}: {v['top1']:.2f}%" for n, v in line["val_sets"].items()) + ")"
     reporter.log(
         f"epoch {line['epoch']}: train_loss {line['train_loss']:.4f}{val}"
         f", {line['images_per_sec']:.0f} img/s, data wait {100 * line['data_wait']:.1f}%"
@@ -307,8 +378,8 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     t_start = time.time()
     seed_everything(cfg)
     reporter = Reporter(cfg.output, active=d.is_main, progress=cfg.progress)
-    train_loader, val_loader = make_loaders(cfg, d, cfg.batch_size // cfg.accum_steps)
-    num_classes, classes = num_classes_of(cfg, train_loader, val_loader)
+    train_loader, val_loaders, val_origin = make_loaders(cfg, d, cfg.batch_size // cfg.accum_steps)
+    num_classes, classes = num_classes_of(cfg, train_loader, *(ld for _, ld in val_loaders))
     model = make_model(cfg, d, num_classes)
     amp = resolve_amp(cfg.amp, d.device)
     recipe = make_recipe(cfg, d, model, num_classes, len(train_loader), amp)
@@ -341,12 +412,12 @@ def train(cfg: Config, d: distributed.Dist) -> int:
     reporter.log(
         f"training {cfg.arch} ({num_classes} classes, {cfg.image_size} px) on {d.world_size} x {d.device.type}, "
         f"loader {train_loader.backend_name}, global batch {recipe.global_batch}, peak lr {recipe.peak_lr:.4g}, "
-        f"amp {amp}, {len(train_loader)} batches/epoch; output {cfg.output}"
+        f"amp {amp}, {len(train_loader)} batches/epoch; {val_line(val_loaders, val_origin)}; output {cfg.output}"
     )
     try:
         while state.epoch < cfg.epochs:
             line = train_one_epoch(trainer, train_loader, state, saver, progress, reporter, cfg, d)
-            line.update(validate(eval_model, model, recipe.ema, val_loader, d, amp, cfg))
+            line.update(validate(eval_model, model, recipe.ema, val_loaders, d, amp, cfg))
             progress.history.append(line)
             report_epoch(reporter, line)
             improved = line["val_top1"] is not None and line["val_top1"] > progress.best
@@ -362,7 +433,9 @@ def train(cfg: Config, d: distributed.Dist) -> int:
         raise NonFiniteLoss(
             f"{e}{kept or ' (no checkpoint written yet)'}; try a lower --lr, --clip-grad or --amp bf16"
         ) from None
-    return finish(cfg, d, reporter, state, progress, saver.t_start, recipe.global_batch)
+    val_samples = sum(ld.num_samples for _, ld in val_loaders)
+    val = f"{val_samples} samples {val_origin}" if val_loaders else f"none: {val_origin}"
+    return finish(cfg, d, reporter, state, progress, saver.t_start, recipe.global_batch, val)
 
 
 def finish(
@@ -373,15 +446,19 @@ def finish(
     progress: ckpt_io.RunProgress,
     t_start: float,
     global_batch: int,
+    val: str,
 ) -> int:
-    """summary.json, the hparams record and the last log line."""
+    """summary.json, the hparams record and the last log line. `val`: where validation came
+    from, or "none: why" (then the top-1 fields are null and the last line says so in words)."""
     steps_per_rank = distributed.gather_objects(state.global_step, d)  # equal, or a rank would have hung
     final = progress.history[-1] if progress.history else {}
     summary = {
         "best_val_top1": progress.best if progress.best != float("-inf") else None,
         "final_val_top1": final.get("val_top1"),
         "final_val_top5": final.get("val_top5"),
+        **({"final_val_sets": final["val_sets"]} if "val_sets" in final else {}),
         "final_train_loss": final.get("train_loss"),
+        "val": val,
         "epochs": cfg.epochs,
         "seconds": time.time() - t_start,
         "world_size": d.world_size,
@@ -395,12 +472,18 @@ def finish(
     }
     reporter.hparams({k: v for k, v in cfg.to_dict().items() if v is not None}, metrics)
     reporter.log(
-        f"done: final val top-1 {summary['final_val_top1']}, best {summary['best_val_top1']}, "
-        f"{summary['seconds']:.0f} s; TensorBoard: tensorboard --logdir {summary['tensorboard']}"
+        f"done: {_top1_words(summary)}, {summary['seconds']:.0f} s; "
+        f"TensorBoard: tensorboard --logdir {summary['tensorboard']}"
     )
     reporter.close()
     distributed.barrier(d)
     return 0
+
+
+def _top1_words(summary: dict) -> str:
+    if summary["final_val_top1"] is None:
+        return f"no validation ({summary['val']})"
+    return f"final val top-1 {summary['final_val_top1']:.2f}%, best {summary['best_val_top1']:.2f}%"
 
 
 def _check_compatible(ck: ckpt_io.Saved, cfg: Config, num_classes: int) -> None:
@@ -431,7 +514,7 @@ def overfit(cfg: Config, d: distributed.Dist) -> int:
     if d.enabled:
         raise SetupError("--overfit-batches runs in one process: start it with python -m train, not torchrun")
     seed_everything(cfg)
-    spec = cfg.data or (cfg.shards if len(cfg.shards) > 1 else cfg.shards[0])
+    spec = data_spec(cfg) if cfg.data else (cfg.shards if len(cfg.shards) > 1 else cfg.shards[0])
     # train=False: the evaluation transform, i.e. the same pixels in every pass (no augmentation)
     loader = _loader(cfg, d, spec, train=False, batch_size=cfg.batch_size, split="train")
     num_classes, _ = num_classes_of(cfg, loader)
@@ -457,7 +540,8 @@ def evaluate_only(cfg: Config, d: distributed.Dist) -> int:
     cfg.eval_image_size = cfg.eval_image_size or raw.get("config", {}).get("eval_image_size") or cfg.image_size
     cfg.arch, cfg.stem = ck.arch or cfg.arch, ck.stem or cfg.stem
     cfg.zero_init_residual = ck.zero_init_residual
-    _, val_loader = make_loaders(cfg, d, cfg.batch_size)
+    _, val_loaders, _ = make_loaders(cfg, d, cfg.batch_size)
+    val_loader = val_loaders[0][1]
     num_classes = ck.num_classes
     if val_loader.num_classes and val_loader.num_classes != num_classes:
         raise SetupError(f"checkpoint has {num_classes} classes, the validation data {val_loader.num_classes}")

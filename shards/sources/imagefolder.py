@@ -246,8 +246,9 @@ class ImageFolderSource:
         if not os.path.isdir(root):
             what = "is not a folder" if os.path.exists(root) else "does not exist"
             raise ImageFolderError(f"image folder {root} {what}")
-        if val_fraction is not None and not 0 < val_fraction < 1:
-            raise ImageFolderError(f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction}")
+        if val_fraction is not None and not 0 <= val_fraction < 1:
+            raise ImageFolderError(f"val_fraction must be at least 0 (no val split) and below 1, not {val_fraction}")
+        val_fraction = val_fraction or None  # 0 holds nothing out: the tree is all train, as without it
         self.root = os.path.abspath(root)
         self.val_fraction, self.seed, self.allow_empty_classes = val_fraction, seed, allow_empty_classes
         self._index: _Index | None = _index_tree(self.root, val_fraction, seed, allow_empty_classes)
