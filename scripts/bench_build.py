@@ -36,12 +36,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from bench_cli import default_photos  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
+
 # Heavier imports live inside the functions: build's workers are spawned, and a spawned
 # process re-imports this script's top level, which must not charge numpy/scipy to build-shards.
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
 
 SECTION = "## build-shards vs extract + PIL check"
-DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
 def cpu_model() -> str:
@@ -277,7 +278,7 @@ def main() -> None:
     p.add_argument(
         "--photos",
         type=Path,
-        default=DEFAULT_PHOTOS,
+        default=default_photos(),
         help="folder of n<wnid>_<words>.JPEG photos to replicate (default: %(default)s)",
     )
     p.add_argument("--classes", type=int, default=20, help="classes in the fixture (default: %(default)s)")

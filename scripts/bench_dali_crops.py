@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
-DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-sample"
+from bench_cli import default_photos  # noqa: E402  (scripts/ is on sys.path: the script's own folder)
 
 
 def dali_random(jpegs, params, decoder):
@@ -54,7 +54,7 @@ def measure(spec: str, batch_size: int, workers: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default=str(DEFAULT_PHOTOS), help="folder of JPEG photos to build shards from")
+    ap.add_argument("--photos", default=str(default_photos()), help="folder of JPEG photos to build shards from")
     ap.add_argument("--copies", type=int, default=3, help="times each photo is repeated in the shards")
     ap.add_argument("--batch-size", type=int, default=32, help="loader batch size")
     ap.add_argument("--workers", type=int, default=2, help="DALI CPU threads")

@@ -23,10 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_cli import REPO, finish, parse_args, parser, use_repo
+from bench_cli import default_photos, finish, parse_args, parser, use_repo
 
 use_repo()
-DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -44,7 +43,7 @@ def main() -> None:
     ap.add_argument("--val-per-class", type=int, default=10, help="val images per class (default 10)")
     ap.add_argument("--workers", type=int, default=2, help="processes for both runners (default 2)")
     ap.add_argument("--shard-size", default="8MB", help="target shard size (default 8MB)")
-    ap.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder of n<wnid>_*.JPEG photos")
+    ap.add_argument("--photos", type=Path, default=default_photos(), help="folder of n<wnid>_*.JPEG photos")
     args = parse_args(ap)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_cli import default_photos
 from faulty_s3_proxy import FaultyS3Proxy
 
 BUCKET, PREFIX = "bench", "set"
@@ -238,7 +239,7 @@ def rates_images(ranks: list[dict], epoch: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--photos", default="/work/shared/data/imagenet-sample", help="folder of n<wnid>_*.JPEG photos")
+    ap.add_argument("--photos", default=str(default_photos()), help="folder of n<wnid>_*.JPEG photos (default: %(default)s)")
     ap.add_argument("--copies", type=int, default=8, help="times each photo is repeated (default 8)")
     ap.add_argument("--shard-mb", type=float, default=4, help="about this many MB a shard (default 4)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs each run reads (default 3: one cold, two warm)")

@@ -19,10 +19,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_cli import default_photos, has_jpegs
+
 REPO = Path(__file__).resolve().parent.parent
-BUNDLED_PHOTOS = REPO / "tests" / "data" / "photos"  # 24 real ImageNet photos, in every checkout
-# Full-size ImageNet photos, where the project's shared folder sits beside or inside the checkout.
-PHOTO_DIRS = [REPO / "shared" / "data" / "imagenet-sample", REPO.parent / "shared" / "data" / "imagenet-sample"]
 MODULES = ["torch", "torchvision", "numpy", "PIL", "nvidia.dali", "webdataset", "braceexpand", "psutil", "rich",
            "loaders", "loaders.dali", "loaders.bench", "train", "train.run", "train.throughput", "shards.build"]  # fmt: skip
 
@@ -132,10 +131,10 @@ def imports(ctx: dict) -> dict:
 
 
 def find_photos(given: str | None) -> Path:
-    for p in [Path(given)] if given else [*PHOTO_DIRS, BUNDLED_PHOTOS]:
-        if p.is_dir() and any(f.suffix.lower() in (".jpeg", ".jpg") for f in p.iterdir()):
-            return p
-    raise StageFailed(f"no photos in {given or BUNDLED_PHOTOS}: give --photos DIR (n<wnid>_*.JPEG)")
+    folder = Path(given) if given else default_photos()
+    if not has_jpegs(folder):
+        raise StageFailed(f"no photos in {folder}: give --photos DIR (n<wnid>_*.JPEG)")
+    return folder
 
 
 def build_data(ctx: dict) -> dict:

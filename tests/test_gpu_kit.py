@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_cli  # noqa: E402
 import gpu_check  # noqa: E402
 import gpu_stages  # noqa: E402
 
@@ -255,7 +256,7 @@ def test_quick_and_full_sets_are_big_enough_to_measure_and_feed_what_training_us
         # At the 10,000 img/s target an epoch lasts seconds, so a pipeline build (~0.1 s) each epoch stays small.
         assert mode.images / gpu_check.TARGETS["dali_train_images_per_sec"] >= 4
         assert (mode.amp, gpu_stages.FEED_DTYPE[mode.amp], mode.channels_last) == ("bf16", "bfloat16", True)
-    photos = len(list(gpu_stages.BUNDLED_PHOTOS.glob("*.JPEG")))
+    photos = len(list(bench_cli.BUNDLED_PHOTOS.glob("*.JPEG")))
     assert photos >= 20  # the bundled photos: the fallback set is these repeated, never 3 batches an epoch
 
 
