@@ -93,62 +93,24 @@ class Loader:
         rest = sharding.segments_length(self._cut.segments)
         return self._cut.offset + sharding.rest_batches(rest, batch_size=self.batch_size, world_size=self.world_size)
 
-    def plan(self, epoch: int | None = None) -> EpochPlan:
-        """This rank's rows for an epoch (default: the current one), from batch 0.
+    def plan(self, epoch: int | None = None, rank: int | None = None) -> EpochPlan:
+        """This rank's rows for an epoch (default: the current one), from batch 0; `rank`: another
+        rank's, as that rank's loader computes it (the cache's node plan needs every local rank's).
 
         After an elastic resume, the current epoch's plan is the rest of it, from batch `offset`.
         """
-        if self._cut.segments is not None and epoch in (None, self.epoch):
-            return sharding.plan_rest(
-                self.counts,
-                self._cut.segments,
-                batch_size=self.batch_size,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                epoch=self.epoch,
-                order=self._order,
-            )
-        return plan_epoch(
-            self.counts,
-            batch_size=self.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=self.epoch if epoch is None else epoch,
-            drop_last=self.drop_last,
-            order=self._order,
-        )
-
-    def _rank_plan(self, rank: int, epoch: int) -> EpochPlan:
-        """Another rank's plan, as that rank's loader computes it (plan() for `rank`)."""
+        epoch = self.epoch if epoch is None else epoch
+        rank = self.rank if rank is None else rank
+        common = dict(batch_size=self.batch_size, rank=rank, world_size=self.world_size, seed=self.seed, epoch=epoch)
         if self._cut.segments is not None and epoch == self.epoch:
-            return sharding.plan_rest(
-                self.counts,
-                self._cut.segments,
-                batch_size=self.batch_size,
-                rank=rank,
-                world_size=self.world_size,
-                seed=self.seed,
-                epoch=epoch,
-                order=self._order,
-            )
-        return plan_epoch(
-            self.counts,
-            batch_size=self.batch_size,
-            rank=rank,
-            world_size=self.world_size,
-            seed=self.seed,
-            epoch=epoch,
-            drop_last=self.drop_last,
-            order=self._order,
-        )
+            return sharding.plan_rest(self.counts, self._cut.segments, order=self._order, **common)
+        return plan_epoch(self.counts, drop_last=self.drop_last, order=self._order, **common)
 
     def _node_plan(self, batch: int) -> NodePlan:
         """Every local rank's reading from `batch` of this epoch, and the next epoch (the cache's node plan)."""
         ranks = list(local_ranks(self.rank, self.world_size))
-        this = [self._rank_plan(r, self.epoch).from_batch(batch) for r in ranks]
-        after = [self._rank_plan(r, self.epoch + 1) for r in ranks]
+        this = [self.plan(rank=r).from_batch(batch) for r in ranks]
+        after = [self.plan(self.epoch + 1, rank=r) for r in ranks]
         return NodePlan.of_ranks(this, after, ranks.index(self.rank))
 
     @property

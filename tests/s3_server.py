@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import s3fs
 from moto.server import ThreadedMotoServer
@@ -56,3 +57,16 @@ def moto_s3(bucket: str | None = "team-data") -> Iterator[str]:
 def _forget_s3_clients() -> None:
 
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextmanager
+def serving(folder: Path, bucket: str, prefix: str) -> Iterator[str]:
+    """moto_s3 with every file of `folder` uploaded under s3://bucket/prefix/; yields the endpoint."""
+    with moto_s3(bucket) as endpoint:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        for p in folder.iterdir():
+            client.upload_file(str(p), bucket, f"{prefix}/{p.name}")
+        _forget_s3_clients()
+        yield endpoint

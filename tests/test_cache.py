@@ -23,7 +23,7 @@ import pytest
 import s3fs
 from faulty_s3_proxy import FaultyS3Proxy
 from helpers import PhotoSource, build_photo_shards
-from s3_server import moto_s3
+from s3_server import serving
 
 from loaders import make_loader
 from loaders.cache import PART, CacheError, Remote, ShardCache
@@ -46,24 +46,9 @@ def local_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(local_set):
-    """The endpoint URL, with the set uploaded under s3://cache-tests/photos.
-
-    The bucket is emptied and deleted afterwards: moto keeps its state per process, not per
-    server, so later test modules would otherwise find it.
-    """
-    with moto_s3(None) as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        for p in local_set.iterdir():
-            client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.name}")
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            yield endpoint
-        finally:
-            for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
-                client.delete_object(Bucket=BUCKET, Key=obj["Key"])
-            client.delete_bucket(Bucket=BUCKET)
-            s3fs.S3FileSystem.clear_instance_cache()
+    """The endpoint URL, with the set uploaded under s3://cache-tests/photos (moto starts empty)."""
+    with serving(local_set, BUCKET, PREFIX) as endpoint:
+        yield endpoint
 
 
 @contextlib.contextmanager

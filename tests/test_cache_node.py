@@ -24,7 +24,7 @@ import pytest
 import s3fs
 from faulty_s3_proxy import FaultyS3Proxy
 from helpers import build_photo_shards
-from s3_server import moto_s3
+from s3_server import serving
 
 from loaders import make_loader
 from loaders.cache import PART, CacheError, NodePlan, Remote, ShardCache
@@ -46,14 +46,8 @@ def local_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(local_set):
-    with moto_s3(None) as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket=BUCKET)
-        for p in local_set.iterdir():
-            client.upload_file(str(p), BUCKET, f"{PREFIX}/{p.name}")
-        s3fs.S3FileSystem.clear_instance_cache()
+    with serving(local_set, BUCKET, PREFIX) as endpoint:
         yield endpoint
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def entries(local_set: Path, split: str) -> list[dict]:

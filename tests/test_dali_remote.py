@@ -16,7 +16,7 @@ import boto3
 import pytest
 import torch
 from helpers import build_photo_shards
-from s3_server import moto_s3
+from s3_server import serving
 
 from loaders import make_loader
 
@@ -35,10 +35,7 @@ def local_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def s3(local_set):
-    with moto_s3(BUCKET) as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint)
-        for p in local_set.iterdir():
-            client.upload_file(str(p), BUCKET, f"photos/{p.name}")
+    with serving(local_set, BUCKET, "photos") as endpoint:
         yield endpoint
 
 
