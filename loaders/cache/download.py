@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -261,6 +262,11 @@ class Downloader:
                 window.append(
                     self._pool.submit(self._range, fs, path, local, a, min(local.size, a + self.part_bytes), pin, lock)
                 )
+                if k == 0 and pin[0] is None and is_s3(fs):
+                    # The first answer names the version every later GET is pinned to (If-Match), so
+                    # none goes out before it is known: an object replaced meanwhile is refused by
+                    # the store (412), never read in part.
+                    futures.wait(window[:1])
             if len(window) == self.ranges or (k >= len(starts) and window):
                 data = window.pop(0).result()
                 self._check_open()
